@@ -1,0 +1,121 @@
+"""Models and tokenizers: the embedded character tokenizer and tiny Llama, and loading of any HF
+checkpoint by hub name or local path (nothing is downloaded when ``HF_HUB_OFFLINE=1``).
+
+The tiny model is an ordinary ``LlamaForCausalLM`` built from a ``LlamaConfig`` and saved with
+``save_pretrained``, so every later stage loads it exactly like a real checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+# Digits, operators, punctuation, letters, space and newline: covers the embedded task and short
+# English glue text; anything else maps to <unk>.
+CHARS = list("0123456789+-*/=?:.,()#$%^_{}[]\\<>!'\" \n") + list(string.ascii_lowercase) + list(string.ascii_uppercase)
+
+
+def char_tokenizer(chars: list[str] | None = None):
+    """A fast (Rust) character-level tokenizer: one token per character, exact character offsets,
+    ``<s>`` prepended to every encoded text, left padding (for batched generation)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = CHARS if chars is None else chars
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [c for c in dict.fromkeys(chars) if c not in SPECIAL_TOKENS])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")  # one token per character
+    tk.decoder = decoders.Fuse()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        padding_side="left", clean_up_tokenization_spaces=False,
+    )
+
+
+def tiny_llama(
+    tokenizer,
+    hidden_size: int = 128,
+    intermediate_size: int = 384,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    max_position_embeddings: int = 256,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+):
+    """A small randomly initialised ``LlamaForCausalLM`` for ``tokenizer`` (deterministic in ``seed``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg)
+
+
+def is_tiny_spec(name_or_path: str) -> bool:
+    """``"tiny-llama"`` (optionally ``"tiny-llama:seed=1,hidden_size=64"``) names a fresh tiny model."""
+    return name_or_path.split(":", 1)[0] == "tiny-llama"
+
+
+def _tiny_kwargs(spec: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if ":" in spec:
+        for part in spec.split(":", 1)[1].split(","):
+            k, v = part.split("=")
+            kw[k.strip()] = (v.strip().lower() == "true") if v.strip().lower() in ("true", "false") else int(v)
+    return kw
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer for a hub name or local path, or the embedded character tokenizer for ``tiny-llama``.
+    Padding is always on the left (generation needs it)."""
+    if is_tiny_spec(name_or_path):
+        return char_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str, dtype: str | torch.dtype = "float32", tokenizer=None):
+    """A causal LM from a hub name or local path; ``tiny-llama[:k=v,...]`` builds a fresh tiny model."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if is_tiny_spec(name_or_path):
+        tokenizer = tokenizer or char_tokenizer()
+        return tiny_llama(tokenizer, **_tiny_kwargs(name_or_path)).to(dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+
+
+def save_checkpoint(model, tokenizer, path: str | os.PathLike) -> Path:
+    """``save_pretrained`` model and tokenizer into ``path`` atomically (a temporary folder, then a
+    rename), so a checkpoint folder is either whole or absent."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path

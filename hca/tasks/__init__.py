@@ -1,0 +1,1 @@
+"""Tasks: problem sources and their verifiers' names (``"arithmetic"``, ``"gsm8k"``, ``"math"``)."""
