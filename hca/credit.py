@@ -1,0 +1,364 @@
+"""Credit assignment math (METHOD.md sections 5-7) as pure functions of torch tensors.
+
+Layout, in the order the RL step uses it:
+
+* ``token_entropy``      -- H_t of the behaviour policy's next-token distribution (section 6), fp32, chunked.
+* ``outcome_advantages`` -- group-relative outcome advantage A_i: GRPO / RLOO / Dr. GRPO (section 5).
+* ``step_progress``      -- P_k = V(h_k) - V(h_{k-1}), last step grounded in the outcome (sections 3, 5).
+* ``whiten_progress``    -- optional batch whitening of the valid progress entries (section 5).
+* ``entropy_weights``    -- w_t, clipped entropy ratio rescaled to mean 1 within each step (section 6).
+* ``token_advantages``   -- A_t = w_t * (A_i + alpha * P_{i,k(t)}) (sections 5, 6).
+* ``policy_loss``        -- clipped surrogate with asymmetric clip and three aggregations (section 7).
+* ``aggregate``          -- the masked reduction shared by ``policy_loss`` and the KL term.
+* ``kl_k3``              -- k3 estimator of KL(pi || pi_ref) per token (section 7).
+
+Shapes: ``B`` problems, ``G`` responses per problem, ``N = B*G`` responses, ``T`` token positions,
+``S`` step slots, ``V`` vocabulary.  ``step_index [N, T]`` holds the 0-based step of every response
+token and -1 at prompt/padding positions.  Everything that must ignore a position does so with
+``torch.where`` (never multiplication by a mask), so NaN/inf at ignored positions leaks neither into
+values nor into gradients.  Nothing here calls ``.item()`` on hot paths; ``step_progress`` and
+``entropy_weights`` each do one host sync (a shape check / a bucket count).
+
+Where this departs from the papers, and why:
+
+* GRPO uses the sample (unbiased) standard deviation, as ``torch.std`` and TRL do.  A group whose
+  rewards are all equal, or G = 1, gets exactly 0 by an explicit test, not by relying on eps
+  (``(r - mean)`` is not exactly 0 in floating point for e.g. rewards of 0.1).
+* Progress is grounded on the last step, ``P_K = R - V(h_{K-1})`` (METHOD section 5), rather than
+  using the prover's value after the final step as Setlur et al. do; the sum then telescopes to
+  ``R - V(h_0)`` exactly, so progress is potential-based shaping of the verified outcome.
+* Entropy weights redistribute credit *within a step* and keep each step's total (mean weight 1);
+  GTPO (Tan et al. 2025) instead shapes rewards by entropy across a group's sequences.  The ratio
+  is clipped to [w_min, w_max] *before* rescaling, so the final weights can lie slightly outside
+  that range; the clip bounds how concentrated the credit can become, the rescale is exact.
+* ``policy_loss`` clamps the log-ratio to [-20, 20] before ``exp`` (as verl does): the ratio e^20
+  is already far outside any clip range and the clamp avoids ``inf * 0 = NaN`` in backward.  There
+  is no dual clip.  ``"seq_mean_token_sum_norm"`` divides by N x T (or N x ``max_len`` when given);
+  Dr. GRPO uses the generation budget, which is what ``max_len`` is for.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+LOG_RATIO_CLAMP = 20.0
+"""|log ratio| bound used by ``policy_loss`` and ``kl_k3`` before exponentiating."""
+
+DEFAULT_CHUNK_ELEMENTS = 64 * 2**20
+"""``token_entropy`` processes at most about this many logits (64M) per fp32 chunk by default."""
+
+
+# --------------------------------------------------------------------------------------------
+# Token entropy (section 6)
+# --------------------------------------------------------------------------------------------
+def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+    """Entropy in nats of ``softmax(logits / temperature)`` over the last dim.
+
+    ``logits [..., V]`` of any float dtype -> ``[...]`` float32.  Computed in fp32 in the stable form
+    ``H = logsumexp(z) - sum(softmax(z) * z)`` with ``z`` shifted by its row max.  ``-inf`` logits
+    (masked vocabulary) contribute 0; every row needs at least one finite logit.
+
+    The leading dims are flattened to rows and processed ``chunk_size`` rows at a time, so e.g.
+    ``[N, T, 150_000]`` bf16 logits are never copied whole in fp32.  ``chunk_size=None`` picks
+    ``max(1, 64M // V)`` rows.  The function is differentiable, but the RL step records entropies of
+    the behaviour policy under ``torch.no_grad`` (METHOD section 6: no gradient flows through H_t).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    rows = logits.reshape(-1, vocab)
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    finfo_min = torch.finfo(torch.float32).min
+    parts = []
+    for start in range(0, rows.shape[0], chunk_size):
+        z = rows[start:start + chunk_size].float() / temperature           # new fp32 tensor
+        z = (z - z.amax(dim=-1, keepdim=True)).clamp_min(finfo_min)        # -inf -> finite, p = 0
+        lse = torch.logsumexp(z, dim=-1)
+        p = torch.exp(z - lse.unsqueeze(-1))
+        parts.append(lse - (p * z).sum(dim=-1))
+    if not parts:
+        return logits.new_zeros(lead, dtype=torch.float32)
+    return torch.cat(parts).reshape(lead)
+
+
+# --------------------------------------------------------------------------------------------
+# Outcome advantage (section 5)
+# --------------------------------------------------------------------------------------------
+def _grpo(r: Tensor, eps: float) -> Tensor:
+    return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)
+
+
+def _rloo(r: Tensor, eps: float) -> Tensor:
+    g = r.shape[-1]
+    return r - (r.sum(-1, keepdim=True) - r) / (g - 1)
+
+
+def _dr_grpo(r: Tensor, eps: float) -> Tensor:
+    return r - r.mean(-1, keepdim=True)
+
+
+OUTCOME_ESTIMATORS: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "grpo": _grpo,        # (r - mean) / (std + eps), std unbiased
+    "rloo": _rloo,        # r_i - mean_{j != i} r_j  (= G/(G-1) (r_i - mean))
+    "dr_grpo": _dr_grpo,  # r - mean
+}
+
+
+def outcome_advantages(rewards: Tensor, estimator: str, eps: float = 1e-6) -> Tensor:
+    """Group-relative outcome advantage ``[B, G] -> [B, G]`` (one row per problem).
+
+    ``"grpo"``: ``(r - mean) / (std + eps)``, sample std; ``"rloo"``: ``r_i - mean_{j != i} r_j``;
+    ``"dr_grpo"``: ``r - mean``.  A group with all-equal rewards, or G = 1, gives exactly 0.
+    Integer/bool rewards are cast to the default float dtype.
+    """
+    if estimator not in OUTCOME_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid: {sorted(OUTCOME_ESTIMATORS)}")
+    r = rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())
+    if r.shape[-1] <= 1:
+        return torch.zeros_like(r)
+    degenerate = (r.amax(-1, keepdim=True) == r.amin(-1, keepdim=True))
+    adv = OUTCOME_ESTIMATORS[estimator](r, eps)
+    return torch.where(degenerate, torch.zeros_like(adv), adv)
+
+
+# --------------------------------------------------------------------------------------------
+# Step progress (sections 3, 5)
+# --------------------------------------------------------------------------------------------
+def step_progress(values: Tensor, num_steps: Tensor, outcome: Tensor | None = None) -> Tensor:
+    """Progress ``P_k = V(h_k) - V(h_{k-1})`` per step: ``values [N, S+1]``, ``num_steps [N]`` -> ``[N, S]``.
+
+    ``values[:, 0]`` is V(h_0) and ``values[:, k]`` is V(h_k).  Entry ``k-1`` holds P_k for
+    ``k <= num_steps`` and 0 beyond; values past a row's last step may be garbage (NaN) and do not
+    leak.  With ``outcome [N]`` the last step is grounded, ``P_K = R - V(h_{K-1})`` (so
+    ``values[:, K]`` is not read) and the row sums to ``R - V(h_0)`` exactly.  Rows with
+    ``num_steps = 0`` are all zeros.  Requires ``0 <= num_steps <= S`` (checked).
+    """
+    s = values.shape[-1] - 1
+    num_steps = num_steps.to(values.device)
+    if bool(((num_steps < 0) | (num_steps > s)).any()):
+        raise ValueError(f"num_steps must lie in [0, {s}] (S = values.shape[-1] - 1)")
+    k = torch.arange(1, s + 1, device=values.device)                 # step number of each entry
+    n = num_steps.unsqueeze(-1)
+    diff = values[:, 1:] - values[:, :-1]
+    if outcome is not None:
+        grounded = outcome.to(values.dtype).unsqueeze(-1) - values[:, :-1]
+        diff = torch.where(k == n, grounded, diff)
+    return torch.where(k <= n, diff, torch.zeros_like(diff))
+
+
+def whiten_progress(progress: Tensor, num_steps: Tensor, eps: float = 1e-6, center: bool = True) -> Tensor:
+    """Whiten the valid progress entries (``k < num_steps``) over the whole batch; 0 elsewhere.
+
+    ``progress [N, S]``, ``num_steps [N]`` -> ``[N, S]``: ``(P - mean) / (std + eps)`` with the
+    population std over valid entries.  Caution: centering adds ``-mean`` to every step, i.e.
+    ``-K * mean`` to a response's total, a bias by number of steps that breaks the telescoping
+    property; ``center=False`` only rescales (keeps sign and the potential-based form up to scale).
+    """
+    valid = torch.arange(progress.shape[-1], device=progress.device) < num_steps.to(progress.device).unsqueeze(-1)
+    p = torch.where(valid, progress, torch.zeros_like(progress))
+    count = valid.sum().clamp_min(1)
+    mean = p.sum() / count
+    var = (torch.where(valid, p - mean, torch.zeros_like(p)) ** 2).sum() / count
+    out = ((p - mean) if center else p) / (var.sqrt() + eps)
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+# --------------------------------------------------------------------------------------------
+# Token weights and token advantage (section 6)
+# --------------------------------------------------------------------------------------------
+def entropy_weights(
+    entropy: Tensor,
+    step_index: Tensor,
+    beta: float = 1.0,
+    w_min: float = 0.1,
+    w_max: float = 5.0,
+    eps: float = 1e-6,
+    flat_threshold: float = 1e-6,
+) -> Tensor:
+    """Entropy weights ``w_t`` within each step: ``entropy [N, T]``, ``step_index [N, T]`` -> ``[N, T]``.
+
+    Per (row, step): ``w = clip((H_t / (mean_step H + eps))^beta, w_min, w_max)``, then divided by its
+    mean over the step's tokens so the step keeps its total credit (sum of w = token count).  A step
+    whose mean entropy is below ``flat_threshold`` gets weight 1 on every token; ``beta = 0`` gives
+    exactly 1 on every step token; positions with ``step_index = -1`` get 0 and their entropy (even
+    NaN/inf) does not leak.  Negative entropies (rounding) are clamped to 0.
+
+    Defaults: ``w_min = 0.1`` keeps some credit on near-deterministic tokens (a confident wrong token
+    still receives a share of a negative advantage) instead of silencing them; ``w_max = 5`` stops a
+    single high-entropy token from taking most of a long step's credit.  Both bound the ratio before
+    the rescale, so final weights may lie somewhat outside [w_min, w_max].  Need ``0 <= w_min <= 1
+    <= w_max``.  Output is float32 (float64 if the input is).
+    """
+    if not 0.0 <= w_min <= 1.0 <= w_max:
+        raise ValueError(f"need 0 <= w_min <= 1 <= w_max, got w_min={w_min}, w_max={w_max}")
+    dtype = torch.promote_types(entropy.dtype, torch.float32)
+    valid = step_index >= 0
+    zero = torch.zeros((), dtype=dtype, device=entropy.device)
+    if beta == 0:
+        return torch.where(valid, torch.ones_like(entropy, dtype=dtype), zero)
+    if step_index.numel() == 0:
+        return torch.zeros_like(entropy, dtype=dtype)
+    # One bucket per (row, step), flattened as row * num_slots + step, plus a dummy bucket for -1.
+    n = step_index.shape[0]
+    num_slots = int(step_index.max().clamp_min(0)) + 1                        # one host sync
+    ids = torch.arange(n, device=step_index.device).unsqueeze(-1) * num_slots + step_index
+    ids = torch.where(valid, ids, torch.full_like(ids, n * num_slots)).reshape(-1)
+
+    def bucket_sum(x: Tensor) -> Tensor:
+        return torch.zeros(n * num_slots + 1, dtype=dtype, device=x.device).scatter_add_(0, ids, x.reshape(-1))
+
+    counts = bucket_sum(valid.to(dtype)).clamp_min(1)
+
+    def per_step_mean(x: Tensor) -> Tensor:  # mean over each (row, step), broadcast back to tokens
+        return (bucket_sum(x) / counts)[ids].reshape(x.shape)
+
+    h = torch.where(valid, entropy.to(dtype), zero).clamp_min(0)
+    mean_h = per_step_mean(h)
+    w = (h / (mean_h + eps)).pow(beta).clamp(w_min, w_max)
+    w = torch.where(valid, w, zero)
+    w = w / per_step_mean(w).clamp_min(torch.finfo(dtype).tiny)
+    w = torch.where(mean_h < flat_threshold, torch.ones_like(w), w)
+    return torch.where(valid, w, zero)
+
+
+def token_advantages(
+    outcome_adv: Tensor,
+    progress: Tensor,
+    step_index: Tensor,
+    weights: Tensor | None = None,
+    progress_coef: float = 1.0,
+) -> Tensor:
+    """Token advantage ``A_t = w_t * (A_i + alpha * P_{i, step(t)})``, 0 where ``step_index = -1``.
+
+    ``outcome_adv [N]``, ``progress [N, S]``, ``step_index [N, T]``, ``weights [N, T]`` (None: all 1)
+    -> ``[N, T]``.  ``progress_coef = 0`` skips the progress term entirely (so alpha = 0 reproduces the
+    outcome-only baseline exactly even if ``progress`` holds NaN).  A valid ``step_index >= S`` is an
+    indexing error, not silently clamped.
+    """
+    valid = step_index >= 0
+    adv = outcome_adv.unsqueeze(-1).expand(step_index.shape)
+    if progress_coef != 0:
+        gathered = torch.gather(progress, 1, step_index.clamp_min(0))
+        gathered = torch.where(valid, gathered, torch.zeros_like(gathered))
+        adv = adv + progress_coef * gathered
+    if weights is not None:
+        adv = torch.where(valid, weights, torch.zeros_like(weights)) * adv
+    return torch.where(valid, adv, torch.zeros_like(adv))
+
+
+# --------------------------------------------------------------------------------------------
+# Objective (section 7)
+# --------------------------------------------------------------------------------------------
+def _token_mean(v: Tensor, m: Tensor, max_len: int | None) -> Tensor:
+    return v.sum() / m.sum().clamp_min(1)
+
+
+def _seq_mean_token_mean(v: Tensor, m: Tensor, max_len: int | None) -> Tensor:
+    count = m.sum(-1)
+    seq = v.sum(-1) / count.clamp_min(1)
+    has = count > 0
+    return torch.where(has, seq, torch.zeros_like(seq)).sum() / has.sum().clamp_min(1)
+
+
+def _seq_mean_token_sum_norm(v: Tensor, m: Tensor, max_len: int | None) -> Tensor:
+    return v.sum() / (v.shape[0] * (v.shape[-1] if max_len is None else max_len))
+
+
+AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
+    "token_mean": _token_mean,                            # sum over masked tokens / their count
+    "seq_mean_token_mean": _seq_mean_token_mean,          # mean over non-empty rows of row token-means
+    "seq_mean_token_sum_norm": _seq_mean_token_sum_norm,  # sum / (N * T): Dr. GRPO constant normaliser
+}
+
+
+def aggregate(values: Tensor, mask: Tensor, agg: str = "token_mean", max_len: int | None = None) -> Tensor:
+    """Reduce ``values [N, T]`` over ``mask [N, T]`` (True = counts) to a scalar.
+
+    ``"token_mean"``, ``"seq_mean_token_mean"`` or ``"seq_mean_token_sum_norm"`` (divides by
+    ``N * T``, or ``N * max_len`` for a fixed generation budget).  Unmasked values never leak; an
+    all-masked input gives 0.
+    """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"unknown agg {agg!r}; valid: {sorted(AGGREGATIONS)}")
+    mask = mask.bool()
+    v = torch.where(mask, values, torch.zeros_like(values))
+    return AGGREGATIONS[agg](v, mask, max_len)
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
+    """k3 estimate of KL(pi || pi_ref) per token, sampled from pi: ``[N, T]`` -> ``[N, T]``.
+
+    ``exp(d) - d - 1`` with ``d = ref_logp - logp`` clamped to [-20, 20] (beyond that the estimate
+    is astronomically large anyway; the clamp keeps it finite and its gradient 0 there).  Always
+    >= 0.  With ``mask`` the result is 0 (value and gradient) where mask is False, whatever the
+    inputs hold there.
+    """
+    if mask is not None:
+        mask = mask.bool()
+        logp = torch.where(mask, logp, torch.zeros_like(logp))
+        ref_logp = torch.where(mask, ref_logp, torch.zeros_like(ref_logp))
+    d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    kl = torch.exp(d) - d - 1
+    return kl if mask is None else torch.where(mask, kl, torch.zeros_like(kl))
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg: str = "token_mean",
+    max_len: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate ``-min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A)``, aggregated.
+
+    ``logp, old_logp, advantages, mask [N, T]`` -> ``(loss, metrics)``, ``rho = exp(logp - old_logp)``
+    (log-ratio clamped to [-20, 20]).  Positions with ``mask = False`` influence neither the loss
+    nor any gradient, even if they hold NaN/inf; an all-masked batch gives loss 0 (with a graph).
+    ``agg`` / ``max_len``: see ``aggregate``.
+
+    Metrics (detached scalars, over masked tokens): ``clip_frac`` (the clipped term is strictly the
+    smaller objective, so its gradient is 0), ``clip_frac_low`` / ``clip_frac_high`` (that, with
+    rho below / above 1), ``approx_kl`` (k3 estimate of KL(pi_old || pi): ``rho - 1 - log rho``),
+    ``ratio_mean``, ``ratio_max`` (0 when nothing is masked in).
+    """
+    mask = mask.bool()
+    zero = torch.zeros_like(logp)
+    log_ratio = torch.where(mask, logp, zero) - torch.where(mask, old_logp.to(logp.dtype), zero)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    adv = torch.where(mask, advantages.to(logp.dtype), zero)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, agg, max_len)
+
+    with torch.no_grad():
+        count = mask.sum().clamp_min(1)
+        is_clipped = (clipped > unclipped) & mask
+
+        def frac(b: Tensor) -> Tensor:
+            return b.sum().to(ratio.dtype) / count
+
+        metrics = {
+            "clip_frac": frac(is_clipped),
+            "clip_frac_low": frac(is_clipped & (ratio < 1)),
+            "clip_frac_high": frac(is_clipped & (ratio > 1)),
+            "approx_kl": torch.where(mask, ratio - 1 - log_ratio, zero).sum() / count,
+            "ratio_mean": torch.where(mask, ratio, zero).sum() / count,
+            "ratio_max": torch.where(mask, ratio, zero).max() if ratio.numel() else zero.sum(),
+        }
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+__all__ = [
+    "token_entropy", "outcome_advantages", "step_progress", "whiten_progress", "entropy_weights",
+    "token_advantages", "aggregate", "policy_loss", "kl_k3", "OUTCOME_ESTIMATORS", "AGGREGATIONS",
+    "LOG_RATIO_CLAMP", "DEFAULT_CHUNK_ELEMENTS",
+]
