@@ -165,3 +165,46 @@ def generate_problems(n: int, seed: int, cfg: ArithmeticConfig | None = None, id
             ops.append((op, b))
         out.append(ArithmeticProblem(id=f"{id_prefix}-{seed}-{i}", start=start, ops=tuple(ops)))
     return out
+
+
+def make_splits(num_train: int, num_val: int, num_test: int, seed: int = 0,
+                cfg: ArithmeticConfig | None = None) -> dict[str, list[ArithmeticProblem]]:
+    """Train/val/test problem sets with no expression in two splits (train is filtered, so it may
+    hold slightly fewer than ``num_train`` problems). Deterministic in ``seed``."""
+    cfg = cfg or ArithmeticConfig()
+    test = generate_problems(num_test, seed * 3 + 2, cfg, id_prefix="test")
+    val = generate_problems(num_val, seed * 3 + 1, cfg, id_prefix="val")
+    held = {p.expression for p in test}
+    val = [p for p in val if p.expression not in held]
+    held |= {p.expression for p in val}
+    train = [p for p in generate_problems(num_train, seed * 3, cfg, id_prefix="train") if p.expression not in held]
+    return {"train": train, "val": val, "test": test}
+
+
+def ensure_split_files(out_dir: str, num_train: int = 20000, num_val: int = 256, num_test: int = 512, seed: int = 0,
+                       cfg: ArithmeticConfig | None = None) -> dict[str, str]:
+    """Write ``{train,val,test}.jsonl`` plus ``spec.json`` into ``out_dir`` unless they already exist
+    with the same spec; a different spec there is an error (never silently mixed data).
+    Returns the split paths."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from hca.problems import write_jsonl_atomic
+
+    cfg = cfg or ArithmeticConfig()
+    out = Path(out_dir)
+    spec = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "seed": seed, "config": dataclasses.asdict(cfg)}
+    paths = {s: str(out / f"{s}.jsonl") for s in ("train", "val", "test")}
+    spec_path = out / "spec.json"
+    if spec_path.exists() and all(Path(p).exists() for p in paths.values()):
+        have = json.loads(spec_path.read_text())
+        if have != spec:
+            raise ValueError(f"{spec_path} holds problems made with {have}, not {spec}: use another directory or delete it")
+        return paths
+    for name, probs in make_splits(num_train, num_val, num_test, seed, cfg).items():
+        write_jsonl_atomic(paths[name], (p.to_record() for p in probs))
+    tmp = spec_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(spec, indent=1))
+    tmp.replace(spec_path)
+    return paths

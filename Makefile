@@ -1,0 +1,41 @@
+# Two commands for a fresh machine: `make quickstart` (the main job) and `make test`.
+# Both create .venv if missing. Torch: without a GPU the CPU build, with one (nvidia-smi works) a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# to force the CPU wheel where PyPI's default wheel is a CUDA build.
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: quickstart test test-all setup sft clean-runs
+
+$(VENV)/.installed: pyproject.toml
+	@echo "==> creating $(VENV) and installing hca (torch $(TORCH_VERSION) first)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "==> GPU found: installing the CUDA build of torch"; \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS); \
+	else \
+		echo "==> no GPU: installing the CPU build of torch"; \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS); \
+	fi
+	$(PY) -m pip install -q -e '.[all]'
+	@touch $@
+
+setup: $(VENV)/.installed
+
+# The main job (grows with each stage): SFT of policy and prover, then held-out evaluation.
+quickstart: setup
+	$(PY) -m hca.pipeline
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf runs

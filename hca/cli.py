@@ -1,0 +1,18 @@
+"""The LightningCLI behind ``train.py``: any LightningModule/LightningDataModule by class path."""
+from __future__ import annotations
+
+import os
+
+
+def main(args=None, run: bool = True):
+    os.environ.setdefault("WANDB_MODE", "offline")  # never send anything unless asked to
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )

@@ -1,0 +1,100 @@
+"""Supervised fine-tuning data: problems with gold worked solutions, tokenized as the policy will
+see them at sampling time.
+
+A sequence is ``tokenizer(prompt)`` (with the tokenizer's special tokens, exactly what the rollout
+engine feeds the model) followed by ``tokenizer(solution, add_special_tokens=False) + [eos]``;
+the loss is on the response tokens only (prompt labels are ``-100``). Batches are right-padded.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from hca.datamodules.resumable import ResumableLoader
+from hca.problems import Problem, load_problems
+from hca.tasks.arithmetic import ArithmeticConfig, ensure_split_files
+
+
+@dataclass
+class ArithmeticData:
+    """Generate the embedded task's problem files (if absent) before training."""
+
+    out_dir: str = "runs/data/arithmetic"  # where train/val/test.jsonl are written
+    num_train: int = 20000  # training problems (before removing any that appear in val/test)
+    num_val: int = 256  # held-out validation problems
+    num_test: int = 512  # held-out test problems
+    seed: int = 0  # generation seed
+    difficulty: ArithmeticConfig | None = None  # operations per problem, operand and value ranges
+
+    def write(self) -> dict[str, str]:
+        return ensure_split_files(self.out_dir, self.num_train, self.num_val, self.num_test, self.seed,
+                                  self.difficulty or ArithmeticConfig())
+
+
+class SFTDataModule(L.LightningDataModule):
+    def __init__(self, tokenizer: str, train_file: str, val_file: str, task: str = "arithmetic",
+                 arithmetic: ArithmeticData | None = None, template: str | None = None, batch_size: int = 64,
+                 max_length: int = 256, num_val_eval: int = 128, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        if isinstance(arithmetic, dict):
+            arithmetic = ArithmeticData(**arithmetic)
+        if arithmetic is not None and isinstance(arithmetic.difficulty, dict):
+            arithmetic.difficulty = ArithmeticConfig(**arithmetic.difficulty)
+        self.arithmetic = arithmetic
+        if arithmetic is not None:  # plain types in hparams, so checkpoints load with weights_only=True
+            self.hparams["arithmetic"] = dataclasses.asdict(arithmetic)
+        self.tokenizer = None
+        self.train_problems: list[Problem] = []
+        self.val_problems: list[Problem] = []
+
+    def prepare_data(self) -> None:
+        if self.arithmetic is not None:
+            self.arithmetic.write()
+
+    def setup(self, stage: str | None = None) -> None:
+        from hca.models import load_tokenizer
+
+        if self.tokenizer is not None:
+            return
+        if self.arithmetic is not None:  # every rank needs the files; writing is idempotent
+            self.arithmetic.write()
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        self.train_problems, _ = load_problems(self.hparams.train_file, self.hparams.task, self.hparams.template)
+        self.val_problems, _ = load_problems(self.hparams.val_file, self.hparams.task, self.hparams.template)
+        missing = [p.id for p in self.train_problems if not p.solution]
+        if missing:
+            raise ValueError(f"{self.hparams.train_file}: {len(missing)} problems have no 'solution' to train on "
+                             f"(first: {missing[0]})")
+        self.train_examples = [self._encode(p) for p in self.train_problems]
+        self.val_examples = [self._encode(p) for p in self.val_problems if p.solution]
+
+    def _encode(self, p: Problem) -> tuple[list[int], int]:
+        tok = self.tokenizer
+        prompt = tok(p.prompt)["input_ids"]
+        response = tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = (prompt + response)[: self.hparams.max_length]
+        return ids, len(prompt)
+
+    def _collate(self, batch: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        T = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), T), self.tokenizer.pad_token_id, dtype=torch.long)  # [B, T]
+        attention_mask = torch.zeros((len(batch), T), dtype=torch.long)  # [B, T]
+        labels = torch.full((len(batch), T), -100, dtype=torch.long)  # [B, T], -100 on prompt and padding
+        for i, (ids, n_prompt) in enumerate(batch):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            labels[i, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableLoader(self.train_examples, batch_size=self.hparams.batch_size, seed=self.hparams.seed,
+                               collate_fn=self._collate, num_workers=self.hparams.num_workers, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_examples, batch_size=self.hparams.batch_size, collate_fn=self._collate,
+                          num_workers=self.hparams.num_workers)

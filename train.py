@@ -1,0 +1,10 @@
+"""Every stage of hca is a LightningCLI run over a YAML config:
+
+    python train.py fit --config configs/sft/arithmetic.yaml
+    python train.py fit --config configs/sft/arithmetic.yaml --trainer.max_steps 100   # override
+    python train.py fit --config configs/sft/arithmetic.yaml --print_config            # show the full config
+"""
+from hca.cli import main
+
+if __name__ == "__main__":
+    main()
