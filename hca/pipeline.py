@@ -85,7 +85,9 @@ def evaluate_checkpoints(models: dict[str, str], problems_file: str, out_json: s
     return results
 
 
-def quickstart_stages(root: str = "runs") -> list[Stage]:
+def quickstart_stages() -> list[Stage]:
+    """The stages of `make quickstart`. Paths are those the YAML configs name (under ``runs/``)."""
+    root = "runs"
     sft = {
         "policy": ("configs/sft/arithmetic.yaml", f"{root}/sft/policy"),
         "prover": ("configs/sft/arithmetic_prover.yaml", f"{root}/sft/prover"),
@@ -123,12 +125,11 @@ def run_stages(stages: list[Stage], only: list[str] | None = None, force: bool =
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default="runs", help="output root")
     ap.add_argument("--only", nargs="*", help="run only these stages")
     ap.add_argument("--force", action="store_true", help="rerun stages even when their outputs exist")
     a = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
-    run_stages(quickstart_stages(a.root), a.only, a.force)
+    run_stages(quickstart_stages(), a.only, a.force)
 
 
 if __name__ == "__main__":
