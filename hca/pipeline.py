@@ -41,6 +41,8 @@ def banner(text: str) -> None:
 def fit_from_config(config: str, export_dir: str, ckpt_dir: str, overrides: list[str] | None = None) -> None:
     """``python train.py fit --config CONFIG [overrides]`` in this process, resuming from
     ``ckpt_dir/last.ckpt`` when a previous run was killed before exporting."""
+    from unittest import mock
+
     from hca.cli import main
 
     args = ["fit", "--config", config, *(overrides or [])]
@@ -48,7 +50,8 @@ def fit_from_config(config: str, export_dir: str, ckpt_dir: str, overrides: list
     if last.exists() and not Path(export_dir).exists():
         print(f"resuming from {last}", flush=True)
         args += ["--ckpt_path", str(last)]
-    main(args=args)
+    with mock.patch("sys.argv", ["train.py"]):  # the pipeline's own flags are not the CLI's
+        main(args=args)
 
 
 def evaluate_checkpoints(models: dict[str, str], problems_file: str, out_json: str, n: int = 8,

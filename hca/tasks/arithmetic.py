@@ -124,7 +124,7 @@ class ArithmeticConfig:
     max_steps: int = 5  # most operations per problem
     max_start: int = 20  # start value drawn from [0, max_start]
     max_operand: int = 12  # operands drawn from [1, max_operand] (for * from [2, max_operand])
-    max_value: int = 199  # every running value stays in [0, max_value]
+    max_value: int = 999  # every running value stays in [0, max_value]
     ops: str = "+-*"  # operations to draw from
 
     def __post_init__(self):
