@@ -98,6 +98,9 @@ class ProblemChunkDataModule(L.LightningDataModule):
                 "template": hp.template, "num_problems": len(self.problems), "num_chunks": len(self.chunks),
                 "num_malformed_skipped": self.num_skipped}
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # chunks are text (frozen records); the engines put their tensors on the models' device
+
     def predict_dataloader(self) -> DataLoader:
         work = self.pending or [ProblemChunk(-1, ())]
         return DataLoader(work, batch_size=1, shuffle=False, collate_fn=_single, num_workers=0)

@@ -1,0 +1,130 @@
+"""Prover-labeled trajectory collection as Lightning ``predict`` (METHOD.md section 8.1).
+
+Thin: both models are built frozen in ``configure_model``; ``predict_step`` hands one
+:class:`~hca.datamodules.problems.ProblemChunk` to :func:`hca.collect.label_chunk` and returns
+``(chunk_id, records, stats)`` for :class:`hca.collect_writer.TrajectoryWriter` to write.
+
+    python train.py predict --config configs/collect/arithmetic.yaml
+"""
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import torch
+
+from hca.collect import CollectionConfig, label_chunk
+from hca.models import load_causal_lm, load_tokenizer
+from hca.trajectories import FORMAT_VERSION, model_identity
+
+
+def check_model_ref(name: str, role: str) -> None:
+    """Fail clearly on a local checkpoint path that does not exist (``org/name`` with a single slash
+    is taken for a hub name; ``tiny-llama...`` specs build a fresh model). Called at the writer's
+    setup, before any model is loaded or anything sampled."""
+    from pathlib import Path
+
+    from hca.models import is_tiny_spec
+
+    if is_tiny_spec(name) or Path(name).is_dir():
+        return
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).is_dir()
+    if looks_local:
+        raise FileNotFoundError(f"{role} checkpoint not found: {name!r} (no such folder; train it first, e.g. "
+                                f"python train.py fit --config configs/sft/arithmetic.yaml, or give a hub name / "
+                                f"tiny-llama spec)")
+
+
+def _warn_same(prover: str) -> None:
+    warnings.warn(f"the prover is the policy ({prover!r}): with mu = pi the progress term adds nothing new to the "
+                  "outcome gradient (METHOD.md section 3); use a distinct prover checkpoint or best_of_k > 1",
+                  UserWarning, stacklevel=3)
+
+
+class CollectorModule(L.LightningModule):
+    def __init__(self, policy: str, prover: str, policy_tokenizer: str | None = None,
+                 prover_tokenizer: str | None = None, dtype: str = "float32",
+                 collection: CollectionConfig | None = None, max_batch_size: int = 256, seed: int = 0,
+                 num_threads: int | None = None, progress: bool = True):
+        """
+        Args:
+            policy: the policy pi: local HF folder, hub name, or ``tiny-llama[:k=v,...]``.
+            prover: the prover mu (same forms); should differ from the policy (METHOD.md section 3).
+            policy_tokenizer: tokenizer of the policy; defaults to ``policy``.
+            prover_tokenizer: tokenizer of the prover; defaults to ``prover``.
+            dtype: parameter dtype of both models (``float32``, ``bfloat16``).
+            collection: responses, rollouts, sampling, delimiter, prover transform, first pit, dedupe.
+            max_batch_size: samples per engine sub-batch (part of what fixes the random streams).
+            seed: collection seed; every chunk's sampling seeds derive from (seed, chunk id).
+            num_threads: torch intra-op threads per process (None: leave torch's default).
+            progress: show the engines' progress bars inside a chunk (when it spans several sub-batches).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if isinstance(collection, dict):
+            collection = CollectionConfig(**collection)
+        self.cfg = collection or CollectionConfig()
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if policy == prover:
+            _warn_same(prover)
+        self._ids = None  # (policy identity, prover identity), computed on first use (hashes the folders)
+        self.policy_model = self.prover_model = None
+        self._engines = None
+
+    def model_identities(self) -> tuple[dict, dict]:
+        """Identity (hca.trajectories.model_identity) of the policy and the prover; checks that
+        local checkpoints exist and warns when the prover has the policy's content hash."""
+        if self._ids is None:
+            hp = self.hparams
+            check_model_ref(hp.policy, "policy")
+            check_model_ref(hp.prover, "prover")
+            self._ids = (model_identity(hp.policy), model_identity(hp.prover))
+            if hp.policy != hp.prover and self._ids[0]["sha256"] and self._ids[0]["sha256"] == self._ids[1]["sha256"]:
+                _warn_same(hp.prover)
+        return self._ids
+
+    def configure_model(self) -> None:
+        if self.policy_model is not None:
+            return
+        hp = self.hparams
+        self.model_identities()
+        if hp.num_threads:
+            torch.set_num_threads(hp.num_threads)
+        self.policy_tok = load_tokenizer(hp.policy_tokenizer or hp.policy)
+        self.prover_tok = load_tokenizer(hp.prover_tokenizer or hp.prover)
+        self.policy_model = load_causal_lm(hp.policy, hp.dtype, tokenizer=self.policy_tok).requires_grad_(False).eval()
+        self.prover_model = load_causal_lm(hp.prover, hp.dtype, tokenizer=self.prover_tok).requires_grad_(False).eval()
+
+    def engines(self):
+        """``(policy_engine, prover_engine)`` over the models on their current device."""
+        if self._engines is None:
+            from hca.rollout import HFRolloutEngine
+
+            self.configure_model()
+            bs = self.hparams.max_batch_size
+            self._engines = (HFRolloutEngine(self.policy_model, self.policy_tok, max_batch_size=bs),
+                             HFRolloutEngine(self.prover_model, self.prover_tok, max_batch_size=bs))
+        return self._engines
+
+    def identity(self) -> dict:
+        """What fixes the records given the chunks (compared on resume; written to the manifest)."""
+        hp = self.hparams
+        policy_id, prover_id = self.model_identities()
+        return {"format": FORMAT_VERSION, "policy": policy_id, "prover": prover_id,
+                "policy_tokenizer": hp.policy_tokenizer, "prover_tokenizer": hp.prover_tokenizer, "dtype": hp.dtype,
+                "collection": self.cfg.to_dict(), "max_batch_size": hp.max_batch_size, "seed": hp.seed}
+
+    def on_predict_start(self) -> None:
+        self._engines = None  # the models may have moved since the engines were built
+
+    def predict_step(self, batch, batch_idx: int = 0):
+        if batch.chunk_id < 0:  # placeholder: this rank has nothing (left) to do
+            return batch.chunk_id, [], None
+        policy_engine, prover_engine = self.engines()
+        records, stats = label_chunk(batch.problems, policy_engine, prover_engine, self.cfg, self.hparams.seed,
+                                     chunk_id=batch.chunk_id, progress=self.hparams.progress)
+        return batch.chunk_id, records, stats
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("CollectorModule only predicts: python train.py predict --config ...")
