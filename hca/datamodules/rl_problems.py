@@ -1,0 +1,80 @@
+"""Problems for RL: the train loader yields lists of ``problems_per_step`` :class:`~hca.problems.Problem`
+(one RL step each), the val loader lists of held-out problems for sampled pass@k.
+
+The train loader is a :class:`~hca.datamodules.resumable.ResumableLoader`: its order is a function of
+``(seed, epoch)`` and a run resumed from a mid-epoch checkpoint continues with exactly the problems
+the uninterrupted run would have seen. Incomplete last batches are dropped, so every RL step has the
+same number of problems. An "epoch" is one pass over the training problems.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from hca.datamodules.resumable import ResumableLoader
+from hca.datamodules.sft import ArithmeticData
+from hca.problems import Problem, load_problems
+from hca.tasks.arithmetic import ArithmeticConfig
+
+
+def as_list(batch: list[Problem]) -> list[Problem]:
+    """Collate: a batch of problems stays a plain list."""
+    return list(batch)
+
+
+class ProblemDataModule(L.LightningDataModule):
+    def __init__(self, train_file: str, val_file: str, task: str = "arithmetic", problems_per_step: int = 16,
+                 arithmetic: ArithmeticData | None = None, seed: int = 0, template: str | None = None,
+                 num_val: int | None = None, val_batch_size: int = 64, num_workers: int = 0):
+        """
+        Args:
+            train_file: JSONL problems to train on (see hca/problems.py).
+            val_file: held-out JSONL problems for sampled pass@k.
+            task: verifier name for lines that do not say theirs.
+            problems_per_step: B, problems per RL step (each gets G sampled responses).
+            arithmetic: generate the embedded task's problem files first when absent.
+            seed: problem order seed (the order is a function of seed and epoch).
+            template: prompt template for native GSM8K / MATH lines.
+            num_val: evaluate only the first ``num_val`` validation problems (None: all).
+            val_batch_size: validation problems per validation step.
+            num_workers: DataLoader workers (problems are plain records: 0 is enough).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if isinstance(arithmetic, dict):
+            arithmetic = ArithmeticData(**arithmetic)
+        if arithmetic is not None and isinstance(arithmetic.difficulty, dict):
+            arithmetic.difficulty = ArithmeticConfig(**arithmetic.difficulty)
+        if problems_per_step < 1 or val_batch_size < 1:
+            raise ValueError("problems_per_step and val_batch_size must be >= 1")
+        self.arithmetic = arithmetic
+        if arithmetic is not None:  # plain types in hparams, so checkpoints load with weights_only=True
+            self.hparams["arithmetic"] = dataclasses.asdict(arithmetic)
+        self.train_problems: list[Problem] = []
+        self.val_problems: list[Problem] = []
+
+    def prepare_data(self) -> None:
+        if self.arithmetic is not None:
+            self.arithmetic.write()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_problems:
+            return
+        if self.arithmetic is not None:  # every rank needs the files; writing is idempotent
+            self.arithmetic.write()
+        hp = self.hparams
+        self.train_problems, _ = load_problems(hp.train_file, hp.task, hp.template)
+        self.val_problems, _ = load_problems(hp.val_file, hp.task, hp.template, limit=hp.num_val)
+        if len(self.train_problems) < hp.problems_per_step:
+            raise ValueError(f"{hp.train_file}: {len(self.train_problems)} problems, fewer than problems_per_step="
+                             f"{hp.problems_per_step}")
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableLoader(self.train_problems, batch_size=self.hparams.problems_per_step, seed=self.hparams.seed,
+                               collate_fn=as_list, num_workers=self.hparams.num_workers, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_problems, batch_size=self.hparams.val_batch_size, collate_fn=as_list,
+                          num_workers=self.hparams.num_workers)

@@ -1,0 +1,95 @@
+"""The policy update of one RL step (METHOD.md section 7): settings, mini-batches and the loss.
+
+Lightning-free; :class:`hca.modules.policy.HCAPolicyModule` owns backward, clipping and stepping.
+
+* ``ppo_epochs`` passes over the step's ``N`` responses, each cut into shuffled mini-batches of
+  ``mini_batch_size`` responses (``None``: all ``N``, one update per epoch); every mini-batch is one
+  optimizer update, so a step makes ``updates_per_step(N) = ppo_epochs * ceil(N / mini_batch_size)``.
+  The shuffle comes from a generator the caller seeds (the module: from ``(seed, rl_step)``).
+* :func:`ppo_loss` recomputes the current log-probs by teacher forcing
+  (:func:`hca.rollout.sequence_logprobs`, same temperature as sampling) and returns the clipped
+  surrogate :func:`hca.credit.policy_loss` plus ``kl_coef * aggregate(kl_k3(logp, ref_logp))`` when
+  the batch carries reference log-probs (the same aggregation as the surrogate).
+* ``recompute_old_logp``: by default the behaviour log-probs are the ones recorded while sampling
+  (incremental decode with a KV cache); teacher forcing the same weights agrees with them to float
+  rounding in fp32, but not in bf16, where the first update would already see ratios != 1. Setting
+  it recomputes ``old_logp`` with one no-grad forward pass per mini-batch before the first update.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hca.credit import AGGREGATIONS, aggregate, kl_k3, policy_loss
+from hca.rl_batch import TRUNCATION, RLBatch
+from hca.rollout import sequence_logprobs
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Sampling group size and the clipped-surrogate update."""
+
+    group_size: int = 8  # G: responses sampled per problem
+    ppo_epochs: int = 1  # passes over each step's responses
+    mini_batch_size: int | None = None  # responses per optimizer update; None: all of the step's responses
+    clip_low: float = 0.2  # eps_low: ratio clipped below at 1 - clip_low
+    clip_high: float = 0.2  # eps_high: ratio clipped above at 1 + clip_high (DAPO's clip-higher: 0.28)
+    agg: str = "token_mean"  # loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    kl_coef: float = 0.0  # weight of the k3 KL to the reference policy (needs a reference)
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm (None: no clipping)
+    truncation: str = "zero_reward"  # responses cut at the token budget: "zero_reward" | "mask" (see rl_batch)
+    recompute_old_logp: bool = False  # recompute behaviour log-probs by teacher forcing before updating
+
+    def __post_init__(self):
+        for name in ("group_size", "ppo_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be None or >= 1, got {self.mini_batch_size}")
+        if self.agg not in AGGREGATIONS:
+            raise ValueError(f"unknown agg {self.agg!r}; valid: {sorted(AGGREGATIONS)}")
+        if self.truncation not in TRUNCATION:
+            raise ValueError(f"unknown truncation {self.truncation!r}; valid: {sorted(TRUNCATION)}")
+        if self.clip_low < 0 or self.clip_high < 0 or self.kl_coef < 0:
+            raise ValueError("clip_low, clip_high and kl_coef must be >= 0")
+
+    def updates_per_step(self, num_responses: int) -> int:
+        return self.ppo_epochs * math.ceil(num_responses / (self.mini_batch_size or num_responses))
+
+    def minibatches(self, num_responses: int, generator: torch.Generator) -> list[Tensor]:
+        """Row indices of every update of a step: ``ppo_epochs`` shuffled partitions of ``range(N)``."""
+        size = self.mini_batch_size or num_responses
+        return [rows for _ in range(self.ppo_epochs)
+                for rows in torch.randperm(num_responses, generator=generator).split(size)]
+
+
+def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len: int | None = None
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss of one mini-batch (with a graph) and detached metrics: those of ``policy_loss``,
+    ``pg_loss``, ``loss`` and, with reference log-probs, ``kl``."""
+    logp, _ = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_start, temperature)
+    loss, metrics = policy_loss(logp, batch.old_logp, batch.advantages, batch.loss_mask, cfg.clip_low,
+                                cfg.clip_high, cfg.agg, max_len)
+    metrics["pg_loss"] = loss.detach()
+    if batch.ref_logp is not None:
+        kl = aggregate(kl_k3(logp, batch.ref_logp, batch.loss_mask), batch.loss_mask, cfg.agg, max_len)
+        loss = loss + cfg.kl_coef * kl
+        metrics["kl"] = kl.detach()
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+@torch.no_grad()
+def frozen_logprobs(model, batch: RLBatch, chunk_size: int, temperature: float) -> Tensor:
+    """``[N, T]`` teacher-forced log-probs of the batch's responses under ``model``, no gradient,
+    ``chunk_size`` rows per forward pass; 0 on padding."""
+    parts = []
+    for rows in torch.arange(len(batch), device=batch.device).split(max(1, chunk_size)):
+        lp, _ = sequence_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], batch.response_start,
+                                  temperature)
+        parts.append(lp)
+    logp = torch.cat(parts)
+    return torch.where(batch.response_mask, logp, torch.zeros_like(logp))

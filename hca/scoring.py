@@ -1,0 +1,141 @@
+"""Step scoring at RL time: the values ``f(h_0) .. f(h_{K-1})`` of the prefixes of a response.
+
+The RL step (METHOD.md section 8.3) cuts every sampled response into ``K`` steps with
+:func:`hca.steps.split_steps` and asks a :class:`StepScorer` for the predicted value of each prefix
+``h_k = prompt + steps 1..k`` with ``k < K``. It does **not** ask for ``f(h_K)``: the last step is
+grounded in the verified outcome by :func:`hca.credit.step_progress` (``P_K = R - f(h_{K-1})``), so
+the progress of a response always telescopes to ``R - f(h_0)``.
+
+Implementations:
+
+* :class:`NoScorer` -- for ``progress_coef = 0`` (GRPO / RLOO / Dr. GRPO, entropy-only): never called.
+* :class:`CallableScorer` -- ``fn(prompt, prefix) -> value``: deterministic, for tests and ablations.
+* :class:`MonteCarloScorer` -- the honest, expensive estimate the PRM approximates: ``M`` prover
+  completions of every prefix, verified (METHOD.md section 3), on the fly. The learned PRM scorer
+  (arriving with the PRM) implements the same protocol and replaces it in the configs.
+
+``problems`` (one :class:`~hca.problems.Problem` per response) carries the reference answers. A
+Monte Carlo scorer needs them to verify its completions; a learned scorer must ignore them (it
+would otherwise see the answer it is supposed to predict).
+
+A scorer that holds a model owns its device (the policy module does not move it) and must be
+deterministic given its inputs, so that a resumed RL run scores exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+from hca.problems import Problem
+from hca.steps import prefix_text, split_steps
+
+
+@runtime_checkable
+class StepScorer(Protocol):
+    """``score(...)[i]`` is ``[f(h_0), ..., f(h_{K_i - 1})]`` for response ``i``, with ``K_i =
+    len(split_steps(responses[i], delimiter))`` (an empty response has ``K = 0``: an empty list)."""
+
+    def score(self, prompts: list[str], responses: list[str], delimiter: str,
+              problems: Sequence[Problem] | None = None) -> list[list[float]]: ...
+
+
+class NoScorer:
+    """The scorer of outcome-only runs (``progress_coef = 0``): scoring is skipped, so this is never called."""
+
+    def score(self, prompts: list[str], responses: list[str], delimiter: str,
+              problems: Sequence[Problem] | None = None) -> list[list[float]]:
+        raise RuntimeError("NoScorer.score was called: a run with progress_coef > 0 needs a real StepScorer")
+
+
+class CallableScorer:
+    """``f(h_k) = fn(prompt, prefix)`` with ``prefix = prefix_text(response, spans, k)`` (the response
+    part of ``h_k``: ``""`` for ``h_0``). Deterministic whenever ``fn`` is."""
+
+    def __init__(self, fn: Callable[[str, str], float]):
+        self.fn = fn
+
+    def score(self, prompts: list[str], responses: list[str], delimiter: str,
+              problems: Sequence[Problem] | None = None) -> list[list[float]]:
+        out = []
+        for prompt, response in zip(prompts, responses, strict=True):
+            spans = split_steps(response, delimiter)
+            out.append([float(self.fn(prompt, prefix_text(response, spans, k))) for k in range(len(spans))])
+        return out
+
+
+class MonteCarloScorer:
+    """``f(h_k) = T(correct / total)`` from prover completions of every prefix, verified against the
+    reference answer (a completion cut at its budget counts as wrong); ``T`` is the identity or the
+    best-of-K transform ``1 - (1 - v)^K``. Prefix estimation is :mod:`hca.collect`'s (one engine call
+    for all prefixes of a batch; identical prefixes of one problem are estimated once).
+
+    Its sampling seed is a hash of ``(seed, prompts, responses)``: the same inputs give the same
+    values, independently of call order, so RL resume stays exact. Expensive: about
+    ``num_rollouts * sum(K_i - 1) + num_rollouts_h0 * problems`` generations per call.
+    """
+
+    def __init__(self, prover: str, tokenizer: str | None = None, num_rollouts: int = 4,
+                 num_rollouts_h0: int | None = None, max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_p: float = 1.0, best_of_k: int = 1, dtype: str = "float32", device: str = "auto",
+                 max_batch_size: int = 256, seed: int = 0):
+        """
+        Args:
+            prover: the prover mu: local HF folder, hub name, or ``tiny-llama[:k=v,...]`` (loaded on first use).
+            tokenizer: the prover's tokenizer; defaults to ``prover``.
+            num_rollouts: M, prover completions per prefix h_k (0 < k < K).
+            num_rollouts_h0: completions of h_0 (once per problem); None: ``num_rollouts``.
+            max_new_tokens: prover completion budget.
+            temperature: prover sampling temperature.
+            top_p: prover nucleus sampling (1: off).
+            best_of_k: prover transform V = 1 - (1 - V_mc)^K (1: the prover as is).
+            dtype: prover parameter dtype.
+            device: where the prover runs; ``"auto"``: CUDA when available, else CPU.
+            max_batch_size: samples per engine sub-batch.
+            seed: base of the content-derived sampling seeds.
+        """
+        from hca.collect import CollectionConfig
+
+        self.prover, self.tokenizer_name, self.dtype, self.device = prover, tokenizer, dtype, device
+        self.max_batch_size, self.seed = max_batch_size, seed
+        self.config = CollectionConfig(num_rollouts=num_rollouts, num_rollouts_h0=num_rollouts_h0,
+                                       max_new_tokens=max_new_tokens, prover_max_new_tokens=max_new_tokens,
+                                       prover_temperature=temperature,
+                                       prover_top_p=top_p, best_of_k=best_of_k)
+        self._engine = None
+
+    def engine(self):
+        if self._engine is None:
+            import torch
+
+            from hca.models import load_causal_lm, load_tokenizer
+            from hca.rollout import HFRolloutEngine
+
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+            tok = load_tokenizer(self.tokenizer_name or self.prover)
+            model = load_causal_lm(self.prover, self.dtype, tokenizer=tok).requires_grad_(False).eval().to(device)
+            self._engine = HFRolloutEngine(model, tok, max_batch_size=self.max_batch_size)
+        return self._engine
+
+    def score(self, prompts: list[str], responses: list[str], delimiter: str,
+              problems: Sequence[Problem] | None = None) -> list[list[float]]:
+        import dataclasses
+
+        from hca.collect import ChunkStats, derive_seed, estimate_prefix_values
+
+        if problems is None or len(problems) != len(responses) or len(prompts) != len(responses):
+            raise ValueError("MonteCarloScorer needs one problem (reference answer) and one prompt per response")
+        if any(p.prompt != q for p, q in zip(problems, prompts)):
+            raise ValueError("prompts[i] must equal problems[i].prompt (the prover continues the problem's prompt)")
+        unique = list({p.id: p for p in problems}.values())
+        index = {p.id: i for i, p in enumerate(unique)}
+        keys = []
+        for p, response in zip(problems, responses):
+            spans = split_steps(response, delimiter)
+            keys.append([(index[p.id], prefix_text(response, spans, k), None) for k in range(len(spans))])
+        todo = list(dict.fromkeys(k for row in keys for k in row))
+        if not todo:
+            return [[] for _ in responses]
+        digest = hashlib.sha256("\x00".join([*prompts, "\x01", *responses]).encode()).hexdigest()
+        cfg = dataclasses.replace(self.config, delimiter=delimiter)
+        counts = estimate_prefix_values(todo, unique, self.engine(), cfg, derive_seed(self.seed, 0, digest), ChunkStats(), False)
+        return [[cfg.transform(*counts[k]) for k in row] for row in keys]
