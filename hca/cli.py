@@ -7,12 +7,17 @@ import os
 def main(args=None, run: bool = True):
     os.environ.setdefault("WANDB_MODE", "offline")  # never send anything unless asked to
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import sys
+    from unittest import mock
+
     from lightning.pytorch.cli import LightningCLI
 
-    return LightningCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    argv = [sys.argv[0]] if args is not None else sys.argv  # given args replace the command line
+    with mock.patch("sys.argv", argv):
+        return LightningCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )

@@ -41,8 +41,6 @@ def banner(text: str) -> None:
 def fit_from_config(config: str, export_dir: str, ckpt_dir: str, overrides: list[str] | None = None) -> None:
     """``python train.py fit --config CONFIG [overrides]`` in this process, resuming from
     ``ckpt_dir/last.ckpt`` when a previous run was killed before exporting."""
-    from unittest import mock
-
     from hca.cli import main
 
     args = ["fit", "--config", config, *(overrides or [])]
@@ -50,8 +48,15 @@ def fit_from_config(config: str, export_dir: str, ckpt_dir: str, overrides: list
     if last.exists() and not Path(export_dir).exists():
         print(f"resuming from {last}", flush=True)
         args += ["--ckpt_path", str(last)]
-    with mock.patch("sys.argv", ["train.py"]):  # the pipeline's own flags are not the CLI's
-        main(args=args)
+    main(args=args)
+
+
+def predict_from_config(config: str) -> None:
+    """``python train.py predict --config CONFIG`` in this process (collection resumes by itself:
+    finished shards are skipped)."""
+    from hca.cli import main
+
+    main(args=["predict", "--config", config])
 
 
 def evaluate_checkpoints(models: dict[str, str], problems_file: str, out_json: str, n: int = 8,
@@ -100,6 +105,10 @@ def quickstart_stages() -> list[Stage]:
         stages.append(Stage(
             name=f"sft-{who}", title=f"SFT of the {who} ({cfg})", outputs=[f"{out}/model/config.json"],
             run=lambda cfg=cfg, out=out: fit_from_config(cfg, f"{out}/model", f"{out}/checkpoints")))
+    stages.append(Stage(
+        name="collect", title="Prover-labeled trajectories (configs/collect/arithmetic.yaml)",
+        outputs=[f"{root}/collect/arithmetic/manifest.json"],
+        run=lambda: predict_from_config("configs/collect/arithmetic.yaml")))
     stages.append(Stage(
         name="eval-sft", title="Held-out evaluation of the SFT checkpoints", outputs=[f"{root}/quickstart/eval_sft.json"],
         run=lambda: evaluate_checkpoints({w: f"{o}/model" for w, (_, o) in sft.items()}, f"{root}/data/arithmetic/test.jsonl",
