@@ -1,10 +1,14 @@
 """Every YAML in configs/ parses and instantiates (trainer, model, data) through the same
-LightningCLI as train.py, without running anything (litgpt's config-hub test)."""
+LightningCLI as train.py, without running anything (litgpt's config-hub test). A fragment (e.g.
+configs/strategy/*.yaml, trainer settings only) names its base in a ``# Compose-with: <path>``
+header line and is instantiated as ``--config <base> --config <fragment>``, as it is run."""
+import re
 from pathlib import Path
 
 import pytest
 
-CONFIGS = sorted(str(p) for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+CONFIGS = sorted(str(p) for p in (ROOT / "configs").rglob("*.yaml"))
 
 
 def test_there_are_configs():
@@ -21,9 +25,14 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
         s = line.strip()
         if s and not s.startswith("#") and not s.startswith("- ") and s.endswith(":") is False and ":" in s:
             assert "#" in s, f"{config}: key without a comment: {s}"
+    base = re.search(r"^# Compose-with: (\S+)", text, re.M)
+    args = (["--config", str(ROOT / base.group(1))] if base else []) + ["--config", config]
     monkeypatch.chdir(tmp_path)  # nothing the configs write lands in the repo
-    cli = main(args=["--config", config], run=False)
+    cli = main(args=args, run=False)
     assert cli.model is not None and cli.trainer is not None
+    if base and "strategy:" in text:  # the fragment's strategy is the one the trainer got
+        cls = re.search(r"strategy:.*\n\s+class_path: (\S+)", text).group(1).rsplit(".", 1)[1]
+        assert type(cli.trainer.strategy).__name__ == cls
 
 
 def test_print_config(capsys):

@@ -19,7 +19,8 @@ are in updates; set them to multiples of that). An update whose loss or gradient
 skipped -- gradients dropped (set to None) before ``optimizer.step()``, which then leaves weights
 and optimizer state untouched -- but still counted, so ``global_step`` stays ``updates_per_step``
 times the RL step and the LR schedule keeps its pace; ``train/skipped_updates`` counts them. (A
-fp16 ``GradScaler`` refuses such a step: use fp32 or bf16.) Every random choice is a function of
+fp16 ``GradScaler`` refuses such a step: use fp32 or bf16. Under DeepSpeed ZeRO the engine clips, at
+``ppo.max_grad_norm``, and skips a non-finite step itself; see docs/rl.md.) Every random choice is a function of
 ``(seed, rl_step)`` -- the RL step counter is saved in the checkpoint -- never of the ambient RNG, so
 a resumed run reproduces the uninterrupted one. The reference model is frozen and kept out of the
 state dict (it is rebuilt from ``reference``); the scorer owns its own model and device.
@@ -37,6 +38,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from hca.collect import verify_responses
 from hca.collect import derive_seed
+from hca.lora import LoraSettings, add_lora, merged_copy
 from hca.models import load_causal_lm, load_tokenizer, save_checkpoint
 from hca.ppo import PPOConfig, frozen_logprobs, ppo_loss
 from hca.problems import Problem
@@ -44,6 +46,7 @@ from hca.rl_batch import CreditConfig, RLBatch, build_rl_batch
 from hca.rl_metrics import batch_metrics
 from hca.rollout import SamplingParams
 from hca.scoring import NoScorer, StepScorer
+from hca.strategies import configure_deepspeed_clipping, deepspeed_engine, gathered
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ class HCAPolicyModule(L.LightningModule):
                  optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
                  credit: CreditConfig | None = None, ppo: PPOConfig | None = None,
                  sampling: RolloutConfig | None = None, delimiter: str = "\n\n",
-                 validation: PolicyEval | None = None, export_dir: str | None = None, seed: int = 0):
+                 validation: PolicyEval | None = None, export_dir: str | None = None, seed: int = 0,
+                 lora: LoraSettings | None = None):
         """
         Args:
             policy: the policy to train: local HF folder, hub name or ``tiny-llama[:k=v,...]``.
@@ -102,14 +106,16 @@ class HCAPolicyModule(L.LightningModule):
             validation: sampled pass@k / maj@k on the val problems at each validation; None: skip.
             export_dir: where the final HF checkpoint (model + tokenizer) is written when fit ends.
             seed: every sampling seed and mini-batch shuffle derives from (seed, RL step).
+            lora: train LoRA adapters only (:mod:`hca.lora`; the export merges them); None: all weights.
         """
         super().__init__()
         self.automatic_optimization = False
         self.save_hyperparameters(ignore=["scorer", "optimizer", "scheduler"])
         self.credit, self.ppo = _config(CreditConfig, credit), _config(PPOConfig, ppo)
         self.sampling = _config(RolloutConfig, sampling)
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.validation = PolicyEval(**validation) if isinstance(validation, dict) else validation
-        for name in ("credit", "ppo", "sampling", "validation"):  # plain types: checkpoints load with weights_only
+        for name in ("credit", "ppo", "sampling", "validation", "lora"):  # plain types: checkpoints load with weights_only
             value = getattr(self, name)
             self.hparams[name] = dataclasses.asdict(value) if value is not None else None
         if self.credit.progress_coef != 0 and (scorer is None or isinstance(scorer, NoScorer)):
@@ -134,12 +140,15 @@ class HCAPolicyModule(L.LightningModule):
             self.tokenizer = load_tokenizer(hp.tokenizer or hp.policy)
         if self.model is None:
             self.model = load_causal_lm(hp.policy, hp.dtype, tokenizer=self.tokenizer)
+            if self.lora is not None:
+                self.model = add_lora(self.model, self.lora)  # only the adapters require gradients
         if hp.reference is not None and "reference" not in self._frozen:
             ref = load_causal_lm(hp.reference, hp.dtype, tokenizer=self.tokenizer)
             self._frozen["reference"] = ref.requires_grad_(False).eval()
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.model.parameters())
+        configure_deepspeed_clipping(self._trainer, self.ppo.max_grad_norm)  # DeepSpeed clips in its engine
+        opt = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
@@ -200,25 +209,34 @@ class HCAPolicyModule(L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         gen = torch.Generator().manual_seed(derive_seed(self.hparams.seed, self.rl_step, "minibatches"))
         params = [p for p in self.model.parameters() if p.requires_grad]
+        engine = deepspeed_engine(self._trainer)
         sums: dict[str, torch.Tensor] = {}
         done = 0
         for j, rows in enumerate(self.ppo.minibatches(len(batch), gen)):
             loss, metrics = ppo_loss(self.model, batch.select(rows.to(batch.device)), self.ppo,
                                      self.sampling.temperature, self.sampling.max_new_tokens)
             self.manual_backward(loss)
-            grads = [p.grad for p in params if p.grad is not None]
-            metrics["grad_norm"] = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
-            if bool(torch.isfinite(loss) & torch.isfinite(metrics["grad_norm"])):
-                if self.ppo.max_grad_norm is not None:
+            if engine is None:
+                grads = [p.grad for p in params if p.grad is not None]
+                metrics["grad_norm"] = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+                ok = bool(torch.isfinite(loss) & torch.isfinite(metrics["grad_norm"]))
+                if ok and self.ppo.max_grad_norm is not None:
                     self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
+                elif not ok:  # gradients dropped: optimizer.step() then changes neither weights nor optimizer state
+                    opt.zero_grad(set_to_none=True)
+                opt.step()
+            else:  # DeepSpeed (ZeRO >= 1): the engine clips, and skips a step whose gradient norm is not finite
+                opt.step()
+                norm = engine.get_global_grad_norm()
+                metrics["grad_norm"] = loss.new_tensor(float("nan") if norm is None else float(norm)).float()
+                ok = bool(torch.isfinite(metrics["grad_norm"]))
+            if ok:
                 sums = {k: sums.get(k, 0.0) + v.detach().float() for k, v in metrics.items()}
                 done += 1
-            else:  # gradients dropped: optimizer.step() then changes neither weights nor optimizer state
-                opt.zero_grad(set_to_none=True)
+            else:
                 self.skipped_updates += 1
                 warnings.warn(f"non-finite loss or gradient at RL step {self.rl_step}, update {j}: update skipped",
                               RuntimeWarning, stacklevel=2)
-            opt.step()
             opt.zero_grad(set_to_none=True)
             if sched is not None:
                 sched.step()
@@ -241,8 +259,12 @@ class HCAPolicyModule(L.LightningModule):
                       batch_size=len(problems), sync_dist=True)
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            save_checkpoint(self.model, self.tokenizer, self.hparams.export_dir)
+        if not self.hparams.export_dir:
+            return
+        with gathered(self.model):  # ZeRO-3: full weights on every rank for the export; else a no-op
+            if self.trainer.is_global_zero:
+                model = merged_copy(self.model) if self.lora is not None else self.model  # LoRA: merged, plain HF
+                save_checkpoint(model, self.tokenizer, self.hparams.export_dir)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hca_rl"] = {"rl_step": self.rl_step, "samples_seen": self.samples_seen,
