@@ -151,7 +151,7 @@ class PRMModule(L.LightningModule):
             for name, p in backbone.named_parameters():  # the new layers are trained in full
                 if any(k in name for k in new) and "lora_" not in name:
                     p.requires_grad_(True)
-        self.prm = ProgressRewardModel(backbone, hidden, hp.head_seed)
+        self.prm = ProgressRewardModel(backbone, hidden, hp.head_seed).train()  # from_pretrained returns eval mode
 
     def forward(self, batch: PRMBatch) -> torch.Tensor:
         """Logits ``[B, J]`` at every boundary of the batch."""
