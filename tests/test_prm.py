@@ -9,7 +9,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from prm_helpers import TINY, write_collection
+from builders import TINY, write_collection
 
 from hca.datamodules.trajectories import PRMBatch, TrajectoryDataModule
 from hca.modules.prm import PRMLoss, PRMModule

@@ -83,7 +83,7 @@ def test_predicted_errors_and_f1(tmp_path, monkeypatch):
 @pytest.mark.skipif(not HAVE_DATA, reason="shared ProcessBench data not present")
 def test_real_prm_runs_on_real_items(tmp_path):
     """An untrained tiny PRM through the whole evaluator on 3 real items (plumbing only)."""
-    from prm_helpers import TINY
+    from builders import TINY
 
     from hca.modules.prm import PRMModule
     from hca.prm_scorer import PRMScorer

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from prm_helpers import TINY
+from builders import TINY
 
 from hca.problems import Problem
 from hca.search import aggregate, beam_search, best_of_n, parse_args, run

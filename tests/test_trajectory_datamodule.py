@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from prm_helpers import make_records, problems_file, write_collection
+from builders import make_records, problems_file, write_collection
 
 from hca.datamodules.bucketing import BucketLoader
 from hca.datamodules.trajectories import TrajectoryDataModule, encode_trajectory, split_problem_ids
