@@ -141,10 +141,19 @@ class PairwiseRankAccuracy(Metric):
             return torch.cat(x) if isinstance(x, list) else x
 
         g, s, y = cat(self.group), cat(self.score), cat(self.label)
-        same = g[:, None] == g[None, :]
-        pairs = same & y[:, None] & ~y[None, :]  # [i correct, j wrong, same problem]
-        n = pairs.sum()
-        if n == 0:
-            return torch.tensor(float("nan"))
-        wins = ((s[:, None] > s[None, :]).float() + 0.5 * (s[:, None] == s[None, :]).float())[pairs].sum()
-        return wins / n
+        order = torch.argsort(g, stable=True)
+        g, s, y = g[order], s[order], y[order]
+        wins, n = torch.zeros((), dtype=torch.float64), 0
+        for a, b in zip(*_runs(g)):  # one problem at a time: memory O(responses per problem ^ 2)
+            pos, neg = s[a:b][y[a:b]], s[a:b][~y[a:b]]
+            wins += ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).sum()
+            n += len(pos) * len(neg)
+        return (wins / n).float() if n else torch.tensor(float("nan"))
+
+
+def _runs(sorted_keys: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Start and end indices of the runs of equal values in a sorted 1-d tensor."""
+    if sorted_keys.numel() == 0:
+        return [], []
+    cuts = (torch.nonzero(sorted_keys[1:] != sorted_keys[:-1]).flatten() + 1).tolist()
+    return [0, *cuts], [*cuts, sorted_keys.numel()]

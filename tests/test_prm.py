@@ -223,7 +223,7 @@ def test_extra_layers_start_as_identity_train_and_reload(coll, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(grown.eval()(batch), plain.eval()(batch))  # the new layer is the identity at init
     trainable = {n for n, p in grown.prm.named_parameters() if p.requires_grad}
-    assert any(".layers.1.mlp.down_proj.weight" in n for n in trainable)  # the new layer trains in full ...
+    assert any(".layers.1.mlp.down_proj.base_layer.weight" in n for n in trainable)  # the new layer trains in full ...
     assert not any(".layers.0." in n and "lora_" not in n for n in trainable)  # ... the old ones only via LoRA
     trainer(tmp_path, 3).fit(grown, dm)
     grown.export(str(tmp_path / "prm"))

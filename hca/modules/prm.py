@@ -27,9 +27,8 @@ step correctness exists ``val/first_error_f1_value`` / ``val/first_error_f1_prog
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -39,6 +38,7 @@ from torchmetrics import MeanSquaredError, SpearmanCorrCoef
 from torchmetrics.classification import BinaryAUROC, BinaryF1Score
 
 from hca.datamodules.trajectories import PRMBatch
+from hca.lora import LoraSettings
 from hca.prm_metrics import (FirstErrorF1, PairwiseRankAccuracy, SoftCalibrationError, first_flag, harmful_step_targets,
                              predicted_first_error)
 from hca.prm_model import ProgressRewardModel, grow_backbone, hidden_size_of, load_backbone, save_prm
@@ -52,16 +52,6 @@ class PRMLoss:
     rollout_weights: bool = True  # weight each MC label by the rollouts behind it (else 1)
     final_weight: float = 16.0  # weight of the h_K label (target = outcome); 0: do not train f(h_K)
     class_balance: bool = False  # equal total weight for labels >= 0.5 and < 0.5, per batch
-
-
-@dataclass
-class LoRASettings:
-    """peft LoRA adapters on the backbone (the backbone's own weights are frozen; the head trains)."""
-
-    r: int = 16  # adapter rank
-    alpha: int = 32  # scaling numerator (scale = alpha / r)
-    dropout: float = 0.0  # dropout on the adapter input
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names
 
 
 @dataclass
@@ -84,7 +74,7 @@ def _as(cls, value):
 
 class PRMModule(L.LightningModule):
     def __init__(self, backbone: str = "tiny-llama", tokenizer: str | None = None, dtype: str = "float32",
-                 loss: PRMLoss | None = None, lora: LoRASettings | None = None, eval: PRMEval | None = None,
+                 loss: PRMLoss | None = None, lora: LoraSettings | None = None, eval: PRMEval | None = None,
                  optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
                  gradient_checkpointing: bool = False, extra_layers: int = 0, head_seed: int = 0,
                  export_dir: str | None = None):
@@ -95,7 +85,8 @@ class PRMModule(L.LightningModule):
             tokenizer: tokenizer name/path; defaults to ``backbone`` (must match the datamodule's).
             dtype: backbone parameter dtype (``float32``, ``bfloat16``); the head is float32.
             loss: targets, weights and class balancing (:class:`PRMLoss`).
-            lora: LoRA adapters on the backbone (None: train the whole backbone).
+            lora: LoRA adapters on the backbone (:class:`hca.lora.LoraSettings`; None: train the whole
+                backbone); only the adapters, the head and any ``extra_layers`` train.
             eval: validation metric thresholds (:class:`PRMEval`).
             optimizer: a callable taking the trainable parameters and returning an optimizer.
             scheduler: a callable taking the optimizer and returning an LR scheduler (stepped each batch).
@@ -108,7 +99,7 @@ class PRMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.loss_cfg = _as(PRMLoss, loss) or PRMLoss()
-        self.lora_cfg = _as(LoRASettings, lora)
+        self.lora_cfg = _as(LoraSettings, lora)
         self.eval_cfg = _as(PRMEval, eval) or PRMEval()
         if self.loss_cfg.targets not in ("soft", "hard"):
             raise ValueError(f"loss.targets must be 'soft' or 'hard', got {self.loss_cfg.targets!r}")
@@ -141,15 +132,13 @@ class PRMModule(L.LightningModule):
             backbone.gradient_checkpointing_enable()
         hidden = hidden_size_of(backbone)
         if self.lora_cfg is not None:
-            from peft import LoraConfig, get_peft_model
+            from hca.lora import add_lora
 
-            c = self.lora_cfg
             n = hp.extra_layers
-            new = [f".layers.{i}." for i in range(len(backbone.layers) - n, len(backbone.layers))] if n else []
-            backbone = get_peft_model(backbone, LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
-                                                           target_modules=list(c.target_modules)))
+            new = [f"layers.{i}." for i in range(len(backbone.layers) - n, len(backbone.layers))] if n else []
+            add_lora(backbone, self.lora_cfg)  # in place: still the same PreTrainedModel class
             for name, p in backbone.named_parameters():  # the new layers are trained in full
-                if any(k in name for k in new) and "lora_" not in name:
+                if name.startswith(tuple(new)) and "lora_" not in name:
                     p.requires_grad_(True)
         self.prm = ProgressRewardModel(backbone, hidden, hp.head_seed).train()  # from_pretrained returns eval mode
 
@@ -245,7 +234,9 @@ class PRMModule(L.LightningModule):
         """Write the PRM export folder (LoRA adapters merged into a copy of the backbone)."""
         backbone = self.prm.backbone
         if self.lora_cfg is not None:
-            backbone = copy.deepcopy(backbone).merge_and_unload()
+            from hca.lora import merged_copy
+
+            backbone = merged_copy(backbone)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         extra = {"backbone": self.hparams.backbone, "dtype": self.hparams.dtype,
                  "data_dir": getattr(getattr(dm, "hparams", None), "data_dir", None),
