@@ -17,14 +17,6 @@ from hca.trajectories import shard_name, validate_record, write_shard
 EOS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class FakeEngine:
     """Deterministic engine: ``table[prompt]`` lists ``(text, finish_reason)`` outcomes; the samples of
     a prompt string take them in turn (cycled), across repeated copies of the prompt and across calls.

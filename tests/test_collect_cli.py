@@ -13,20 +13,11 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
 
 from hca.trajectories import list_shards, read_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_PROBLEMS = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

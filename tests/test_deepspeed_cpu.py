@@ -23,14 +23,6 @@ from test_policy import Record, changed, initial_weights, make  # noqa: E402
 HCA = CreditConfig("rloo", progress_coef=1.0, entropy_beta=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fit(tmp_path, module, dm, max_steps, strategy=None, callbacks=()):
     kw = {"strategy": strategy, "use_distributed_sampler": False} if strategy is not None else {}
     tr = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,

@@ -12,14 +12,6 @@ from hca.ppo import PPOConfig  # noqa: E402
 from test_policy import TINY, changed, initial_weights, make, trainer  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_rl_steps_change_only_lora_weights_and_export_merges(tmp_path):
     L.seed_everything(0)
     module, dm = make(tmp_path, ppo=PPOConfig(group_size=8, mini_batch_size=8), lr=5e-2)

@@ -21,14 +21,6 @@ TINY = ("tiny-llama:hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_
         "num_key_value_heads=1,max_position_embeddings=64")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def value_fn(prompt, prefix):
     return 0.3 + 0.1 * prefix.count("1") % 0.7  # deterministic, varies with the prefix
 

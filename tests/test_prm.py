@@ -19,14 +19,6 @@ from hca.prm_scorer import PRMScorer
 from hca.scoring import StepScorer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory):
     return write_collection(tmp_path_factory.mktemp("coll"), num_problems=48)

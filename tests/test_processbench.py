@@ -5,20 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from hca.processbench import (SPLITS, data_dir, evaluate_prm, load_processbench, predicted_errors,
                               response_and_spans)
 
 HAVE_DATA = (data_dir() / "processbench" / "gsm8k.json").exists()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason="shared ProcessBench data not present")

@@ -17,14 +17,6 @@ TOK = char_tokenizer()
 BASELINE = dict(progress_coef=0.0, entropy_beta=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rollout(prompts, texts, finish=None, entropy=None, seed=0):
     """A RolloutBatch as the engine would return it: texts tokenized, EOS appended unless cut ("length")."""
     finish = finish or ["eos"] * len(texts)

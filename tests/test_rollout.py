@@ -13,16 +13,6 @@ from hca.rollout import HFRolloutEngine, RolloutBatch, RolloutEngine, SamplingPa
 PROMPTS = ["Q:1+2\n", "Q:17*3-4\n", "Q:5\n", "Q:123+45*6-7+8\n"]  # different lengths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP threads spin-waiting on a shared,
-    busy machine slow these tests down a hundredfold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return char_tokenizer()

@@ -1,7 +1,6 @@
 """Step scorers: the protocol, CallableScorer's prefixes, and MonteCarloScorer's real prover estimates
 (one value per step, shared h_0, determinism, the best-of-K transform on the same completions)."""
 import pytest
-import torch
 
 from hca.models import char_tokenizer, load_causal_lm, save_checkpoint
 from hca.problems import Problem
@@ -9,14 +8,6 @@ from hca.scoring import CallableScorer, MonteCarloScorer, NoScorer, StepScorer
 
 TINY = ("tiny-llama:hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
         "num_key_value_heads=1,max_position_embeddings=64")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,6 @@ from hca.problems import Problem
 from hca.search import aggregate, beam_search, best_of_n, parse_args, run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_aggregations():
     v = [0.9, 0.5, 0.8, 0.7]  # f(h_0) .. f(h_3)
     assert aggregate(v, "min") == 0.5 and aggregate(v, "last") == 0.7

@@ -1,7 +1,6 @@
 """SFT: a few real optimizer steps on a tiny model change the weights, export a loadable HF
 checkpoint, log held-out sampled pass@k, and resume to the same weights."""
 import lightning as L
-import pytest
 import torch
 
 from hca.datamodules.sft import ArithmeticData, SFTDataModule
@@ -9,14 +8,6 @@ from hca.modules.sft import SamplingEval, SFTModule
 from hca.tasks.arithmetic import ArithmeticConfig
 
 TINY = "tiny-llama:hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(tmp_path, sampling_eval=None, export=True):

@@ -6,21 +6,12 @@ import json
 import random
 
 import pytest
-import torch
 from builders import make_records, problems_file, write_collection
 
 from hca.datamodules.bucketing import BucketLoader
 from hca.datamodules.trajectories import TrajectoryDataModule, encode_trajectory, split_problem_ids
 from hca.steps import prefix_text
 from hca.trajectories import TrajectoryFormatError, read_dataset
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from hca.datamodules.sft import ArithmeticData
 from hca.problems import Problem, load_problems
-from hca.tasks.arithmetic import ArithmeticConfig
 from hca.trajectories import file_sha256, list_shards
 
 
@@ -63,10 +62,7 @@ class ProblemChunkDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if isinstance(arithmetic, dict):
-            arithmetic = ArithmeticData(**arithmetic)
-        if arithmetic is not None and isinstance(arithmetic.difficulty, dict):
-            arithmetic.difficulty = ArithmeticConfig(**arithmetic.difficulty)
+        arithmetic = ArithmeticData.coerce(arithmetic)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.arithmetic = arithmetic

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 from hca.datamodules.resumable import ResumableLoader
 from hca.datamodules.sft import ArithmeticData
 from hca.problems import Problem, load_problems
-from hca.tasks.arithmetic import ArithmeticConfig
 
 
 def as_list(batch: list[Problem]) -> list[Problem]:
@@ -43,10 +42,7 @@ class ProblemDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if isinstance(arithmetic, dict):
-            arithmetic = ArithmeticData(**arithmetic)
-        if arithmetic is not None and isinstance(arithmetic.difficulty, dict):
-            arithmetic.difficulty = ArithmeticConfig(**arithmetic.difficulty)
+        arithmetic = ArithmeticData.coerce(arithmetic)
         if problems_per_step < 1 or val_batch_size < 1:
             raise ValueError("problems_per_step and val_batch_size must be >= 1")
         self.arithmetic = arithmetic

@@ -30,6 +30,15 @@ class ArithmeticData:
     seed: int = 0  # generation seed
     difficulty: ArithmeticConfig | None = None  # operations per problem, operand and value ranges
 
+    @classmethod
+    def coerce(cls, value: "ArithmeticData | dict | None") -> "ArithmeticData | None":
+        """The dataclass from what a config or a checkpoint's hparams hold (a dict, nested dicts)."""
+        if isinstance(value, dict):
+            value = cls(**value)
+        if value is not None and isinstance(value.difficulty, dict):
+            value.difficulty = ArithmeticConfig(**value.difficulty)
+        return value
+
     def write(self) -> dict[str, str]:
         return ensure_split_files(self.out_dir, self.num_train, self.num_val, self.num_test, self.seed,
                                   self.difficulty or ArithmeticConfig())
@@ -41,10 +50,7 @@ class SFTDataModule(L.LightningDataModule):
                  max_length: int = 256, num_val_eval: int = 128, seed: int = 0, num_workers: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        if isinstance(arithmetic, dict):
-            arithmetic = ArithmeticData(**arithmetic)
-        if arithmetic is not None and isinstance(arithmetic.difficulty, dict):
-            arithmetic.difficulty = ArithmeticConfig(**arithmetic.difficulty)
+        arithmetic = ArithmeticData.coerce(arithmetic)
         self.arithmetic = arithmetic
         if arithmetic is not None:  # plain types in hparams, so checkpoints load with weights_only=True
             self.hparams["arithmetic"] = dataclasses.asdict(arithmetic)

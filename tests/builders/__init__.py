@@ -18,7 +18,7 @@ TINY = "tiny-llama:hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_a
 
 def corrupt(p: ArithmeticProblem, error_at: int | None) -> str:
     """A solution of ``p`` with the result of step ``error_at`` off by 1..3 (None: gold)."""
-    vals, prev, out = [], p.start, []
+    prev, out = p.start, []
     for k, (op, b) in enumerate(p.ops):
         v = {"+": prev + b, "-": prev - b, "*": prev * b}[op]
         if k == error_at:
