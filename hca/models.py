@@ -103,9 +103,10 @@ def load_causal_lm(name_or_path: str, dtype: str | torch.dtype = "float32", toke
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
 
 
-def save_checkpoint(model, tokenizer, path: str | os.PathLike) -> Path:
+def save_checkpoint(model, tokenizer, path: str | os.PathLike, write_extra=None) -> Path:
     """``save_pretrained`` model and tokenizer into ``path`` atomically (a temporary folder, then a
-    rename), so a checkpoint folder is either whole or absent."""
+    rename), so a checkpoint folder is either whole or absent. ``write_extra(folder)``, if given,
+    adds files to the folder before the rename (e.g. a PRM's value head)."""
     import shutil
 
     path = Path(path)
@@ -115,6 +116,8 @@ def save_checkpoint(model, tokenizer, path: str | os.PathLike) -> Path:
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if write_extra is not None:
+        write_extra(tmp)
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -109,21 +108,16 @@ def save_prm(backbone: nn.Module, head: nn.Linear, tokenizer, path: str | os.Pat
     plain ``PreTrainedModel`` (merge LoRA adapters first)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    backbone.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    save_file({"weight": head.weight.detach().float().cpu().contiguous(),
-               "bias": head.bias.detach().float().cpu().contiguous()}, str(tmp / HEAD_FILE))
-    cfg = {"format": PRM_FORMAT, "hidden_size": int(head.in_features), "backbone_class": type(backbone).__name__, **extra}
-    (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=1) + "\n")
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-    return path
+    from hca.models import save_checkpoint
+
+    def write_head(folder: Path) -> None:
+        save_file({"weight": head.weight.detach().float().cpu().contiguous(),
+                   "bias": head.bias.detach().float().cpu().contiguous()}, str(folder / HEAD_FILE))
+        cfg = {"format": PRM_FORMAT, "hidden_size": int(head.in_features), "backbone_class": type(backbone).__name__,
+               **extra}
+        (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=1) + "\n")
+
+    return save_checkpoint(backbone, tokenizer, path, write_extra=write_head)
 
 
 class LoadedPRM(NamedTuple):
