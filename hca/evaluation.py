@@ -37,6 +37,25 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     return any(c for a, c in zip(answers, correct) if a == winner)
 
 
+def weighted_majority_correct(answers: list[str | None], correct: list[bool], weights: list[float]) -> bool:
+    """Whether the answer with the largest summed weight is a correct one (weights must be >= 0,
+    e.g. PRM scores in [0, 1]; ties: first seen wins). Equal weights reduce it to
+    :func:`majority_correct`."""
+    if len(answers) != len(correct) or len(answers) != len(weights):
+        raise ValueError("answers, correct and weights need the same length")
+    if any(not w >= 0 for w in weights):
+        raise ValueError(f"weights must be finite and >= 0, got {weights}")
+    totals: dict[str, float] = {}
+    for a, w in zip(answers, weights):
+        if a is not None:
+            totals[a] = totals.get(a, 0.0) + w
+    if not totals:
+        return False
+    best = max(totals.values())
+    winner = next(a for a in answers if a is not None and totals[a] == best)
+    return any(c for a, c in zip(answers, correct) if a == winner)
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, float]  # "pass@1", "pass@k", "maj@k", "mean_response_tokens", "truncated_frac"

@@ -12,6 +12,12 @@ Best-of-N (:func:`best_of_n`)
     * ``prm_min`` / ``prm_last`` / ``prm_prod``: the highest PRM score, the score aggregating the
       step values ``f(h_1) .. f(h_K)`` by min, last (``f(h_K)``, the PRM's verdict on the finished
       response) or product (``[f(h_0)]`` for an empty response); ties: the first;
+    * ``prm_vote_min`` / ``_last`` / ``_prod``: PRM-weighted majority vote -- each final answer
+      collects the sum of its responses' scores and the heaviest answer wins
+      (:func:`hca.evaluation.weighted_majority_correct`; Uesato et al. 2022, Math-Shepherd). A
+      noisy PRM that picks one response can lose to plain voting when the correct responses are
+      many near-identical texts and the wrong ones diverse (the top of N noisy scores is then
+      usually a wrong one); voting pools the evidence per answer instead;
     * ``majority``: the most frequent final answer (:func:`hca.evaluation.majority_correct`);
     * ``random``: the expected accuracy of a uniformly random pick (the group's mean correctness);
     * ``oracle``: any response of the group is correct (pass@N).
@@ -35,11 +41,12 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from hca.evaluation import majority_correct
+from hca.evaluation import majority_correct, weighted_majority_correct
 from hca.problems import Problem
 
 AGGREGATIONS = ("min", "last", "prod")
-METHODS = ("prm_min", "prm_last", "prm_prod", "majority", "random", "oracle")
+METHODS = ("prm_min", "prm_last", "prm_prod", "prm_vote_min", "prm_vote_last", "prm_vote_prod", "majority", "random",
+           "oracle")
 
 
 def aggregate(values: Sequence[float], how: str) -> float:
@@ -74,6 +81,7 @@ def best_of_n(correct: list[list[bool]], answers: list[list[str | None]], scores
                 for agg in AGGREGATIONS:
                     s = scores[agg][p][sl]
                     acc[f"prm_{agg}"] += c[max(range(N), key=lambda i: (s[i], -i))] / G
+                    acc[f"prm_vote_{agg}"] += weighted_majority_correct(answers[p][sl], c, s) / G
                 acc["majority"] += majority_correct(answers[p][sl], c) / G
                 acc["random"] += sum(c) / N / G
                 acc["oracle"] += any(c) / G

@@ -1,7 +1,7 @@
 """pass@k and maj@k against hand-computed values."""
 import pytest
 
-from hca.evaluation import majority_correct, pass_at_k
+from hca.evaluation import majority_correct, pass_at_k, weighted_majority_correct
 
 
 def test_pass_at_k_by_hand():
@@ -20,3 +20,15 @@ def test_majority_vote():
     assert majority_correct(["5", "6"], [True, False])  # tie: first seen wins
     assert not majority_correct([None, None], [False, False])
     assert majority_correct([None, "7", None], [False, True, False])  # truncated samples do not vote
+
+
+def test_weighted_majority():
+    answers, correct = ["5", "5", "7", None], [False, False, True, False]
+    assert not weighted_majority_correct(answers, correct, [1, 1, 1, 1])  # equal weights: plain majority
+    assert weighted_majority_correct(answers, correct, [0.2, 0.3, 0.6, 5.0])  # 0.6 > 0.5; None never votes
+    assert not weighted_majority_correct(answers, correct, [0.3, 0.3, 0.6, 0.0])  # tie 0.6 = 0.6: first seen (5)
+    assert not weighted_majority_correct([None], [False], [1.0])
+    with pytest.raises(ValueError, match=">= 0"):
+        weighted_majority_correct(answers, correct, [0.1, float("nan"), 0.1, 0.1])
+    with pytest.raises(ValueError, match="same length"):
+        weighted_majority_correct(answers, correct, [0.1])

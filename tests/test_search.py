@@ -10,7 +10,7 @@ import torch
 from builders import TINY
 
 from hca.problems import Problem
-from hca.search import aggregate, beam_search, best_of_n, parse_args, run
+from hca.search import METHODS, aggregate, beam_search, best_of_n, parse_args, run
 
 
 def test_aggregations():
@@ -31,6 +31,8 @@ def test_best_of_n_rules():
     assert r["prm_min"][4] == 1.0 and r["prm_last"][4] == 0.0  # different picks
     assert r["prm_prod"][4] == 0.0  # tie: the first sample
     assert r["majority"][4] == 0.0 and r["oracle"][4] == 1.0 and r["random"][4] == 0.25
+    # weighted votes: min gives 5 -> 0.5, 7 -> 0.9, 9 -> 0.1; last gives 5 -> 1.1, 7 -> 0.7; equal weights = majority
+    assert r["prm_vote_min"][4] == 1.0 and r["prm_vote_last"][4] == 0.0 and r["prm_vote_prod"][4] == 0.0
     # N = 2: groups (0, 1) and (2, 3); N = 1: the mean over all samples
     assert r["oracle"][2] == 0.5 and r["prm_min"][2] == 0.5 and r["majority"][2] == 0.5
     assert all(r[m][1] == 0.25 for m in r)
@@ -103,7 +105,7 @@ def test_cli_end_to_end(tmp_path):
     assert args.delimiter == "\n"
     rep = run(args)
     res = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
-    assert set(res) == {"prm_min", "prm_last", "prm_prod", "majority", "random", "oracle", "prm_beam"}
+    assert set(res) == {*METHODS, "prm_beam"}
     assert all(set(v) == {"1", "2"} and all(0 <= x <= 1 for x in v.values()) for v in res.values())
     assert (tmp_path / "out" / "best_of_n.png").stat().st_size > 1000
     assert "| prm_min |" in (tmp_path / "out" / "results.md").read_text()
