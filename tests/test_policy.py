@@ -184,3 +184,19 @@ def test_behaviour_logprobs_match_teacher_forcing(tmp_path):
     assert batch.truncated.any() and torch.equal(batch.included, ~batch.truncated)  # truncation="mask"
     torch.testing.assert_close(batch.old_logp, rollout.logprobs, rtol=1e-5, atol=1e-5)  # recomputed == recorded
     torch.testing.assert_close(frozen_logprobs(module.model, batch, 3, 1.0), batch.old_logp, rtol=1e-5, atol=1e-5)
+
+
+def test_start_policy_is_validated_at_step_0(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module, dm = make(tmp_path, credit=CreditConfig("grpo", 0.0, 0.0), validation=PolicyEval(n=2, ks=(1, 2), max_new_tokens=6))
+    tr = trainer(tmp_path, 2, limit_val_batches=None, val_check_interval=2)
+    tr.loggers = [CSVLogger(str(tmp_path), name="logs")]
+    tr.fit(module, dm)
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
+    val = [r for r in rows if r.get("val/pass@1")]
+    assert [float(r["val/samples"]) for r in val] == [0.0, 2 * 2 * 4]  # at start, then after 2 RL steps
+    assert val[0]["step"] == "0" and float(val[1]["val/rl_step"]) == 2
+    assert float(val[1]["val/tokens"]) == float([r for r in rows if r.get("train/tokens")][-1]["train/tokens"]) > 0

@@ -38,6 +38,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from hca.collect import verify_responses
 from hca.collect import derive_seed
+from hca.modules.hparams import store_plain_hparams
 from hca.lora import LoraSettings, add_lora, merged_copy
 from hca.models import load_causal_lm, load_tokenizer, save_checkpoint
 from hca.ppo import PPOConfig, frozen_logprobs, ppo_loss
@@ -72,6 +73,7 @@ class PolicyEval:
     max_new_tokens: int = 64  # response budget; a response cut here scores 0
     temperature: float = 1.0  # sampling temperature
     seed: int = 1234  # sampling seed, fixed so validations are comparable
+    at_start: bool = True  # also validate the starting policy before RL step 1 (logged at step 0)
 
 
 def default_optimizer(params):
@@ -115,9 +117,7 @@ class HCAPolicyModule(L.LightningModule):
         self.sampling = _config(RolloutConfig, sampling)
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.validation = PolicyEval(**validation) if isinstance(validation, dict) else validation
-        for name in ("credit", "ppo", "sampling", "validation", "lora"):  # plain types: checkpoints load with weights_only
-            value = getattr(self, name)
-            self.hparams[name] = dataclasses.asdict(value) if value is not None else None
+        store_plain_hparams(self, **{name: getattr(self, name) for name in ("credit", "ppo", "sampling", "validation", "lora")})
         if self.credit.progress_coef != 0 and (scorer is None or isinstance(scorer, NoScorer)):
             raise ValueError(f"progress_coef={self.credit.progress_coef} needs a StepScorer (scorer is {scorer!r}); "
                              "use progress_coef: 0 for outcome-only credit")
@@ -131,6 +131,7 @@ class HCAPolicyModule(L.LightningModule):
         self._engine = None
         self.rl_step = 0  # RL steps completed (saved in checkpoints)
         self.samples_seen = 0  # responses sampled for training so far
+        self.tokens_generated = 0  # response tokens sampled for training so far (scorer rollouts not included)
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient
 
     # ------------------------------------------------------------------ setup
@@ -181,9 +182,11 @@ class HCAPolicyModule(L.LightningModule):
         t3 = time.perf_counter()
         self.rl_step += 1
         self.samples_seen += len(batch)
+        self.tokens_generated += int(batch.response_mask.sum())
         stats |= {"time_generation": t1 - t0, "time_scoring": batch.scoring_seconds,
                   "time_credit": t2 - t1 - batch.scoring_seconds, "time_update": t3 - t2, "time_step": t3 - t0,
-                  "samples": float(self.samples_seen), "rl_step": float(self.rl_step),
+                  "samples": float(self.samples_seen), "tokens": float(self.tokens_generated),
+                  "rl_step": float(self.rl_step),
                   "skipped_updates": float(self.skipped_updates)}
         self.log_dict({f"train/{k}": float(v) for k, v in stats.items()}, on_step=True, on_epoch=False,
                       batch_size=len(batch))
@@ -246,17 +249,44 @@ class HCAPolicyModule(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------ validation, export, state
-    def validation_step(self, problems: list[Problem], batch_idx: int):
-        cfg = self.validation
-        if cfg is None:
-            return
+    def _evaluate(self, problems: list[Problem], batch_idx: int) -> dict[str, float]:
         from hca.evaluation import evaluate_policy
 
+        cfg = self.validation
         res = evaluate_policy(self.engine(), problems, n=cfg.n, ks=tuple(cfg.ks), max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature,
                               seed=derive_seed(cfg.seed, batch_idx, f"val/{self.global_rank}"))
-        self.log_dict({f"val/{k}": float(v) for k, v in res.metrics.items()}, on_step=False, on_epoch=True,
-                      batch_size=len(problems), sync_dist=True)
+        return {f"val/{k}": float(v) for k, v in res.metrics.items()}
+
+    def validation_step(self, problems: list[Problem], batch_idx: int):
+        if self.validation is None:
+            return
+        metrics = self._evaluate(problems, batch_idx) | {"val/samples": float(self.samples_seen),
+                                                         "val/rl_step": float(self.rl_step),
+                                                         "val/tokens": float(self.tokens_generated)}
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=len(problems), sync_dist=True)
+
+    def on_train_start(self) -> None:
+        """Validate the starting policy once, before RL step 1 (``validation.at_start``), and write it
+        to the loggers at step 0 with ``train/samples = 0``, so every learning curve starts at the
+        policy RL began from. Same problems and seeds as the periodic validation; a resumed run skips it."""
+        cfg = self.validation
+        if cfg is None or not cfg.at_start or self.rl_step != 0 or self.trainer.datamodule is None:
+            return
+        sums: dict[str, float] = {}
+        count = 0
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for i, problems in enumerate(self.trainer.datamodule.val_dataloader()):
+                for k, v in self._evaluate(problems, i).items():
+                    sums[k] = sums.get(k, 0.0) + v * len(problems)
+                count += len(problems)
+        self.model.train(was_training)
+        if count and self.trainer.is_global_zero:
+            metrics = {k: v / count for k, v in sums.items()} | {"val/samples": 0.0, "val/rl_step": 0.0, "val/tokens": 0.0}
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=0)
 
     def on_train_end(self) -> None:
         if not self.hparams.export_dir:
@@ -268,10 +298,12 @@ class HCAPolicyModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hca_rl"] = {"rl_step": self.rl_step, "samples_seen": self.samples_seen,
+                                "tokens_generated": self.tokens_generated,
                                 "skipped_updates": self.skipped_updates}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("hca_rl", {})
         self.rl_step = int(state.get("rl_step", 0))
         self.samples_seen = int(state.get("samples_seen", 0))
+        self.tokens_generated = int(state.get("tokens_generated", 0))
         self.skipped_updates = int(state.get("skipped_updates", 0))

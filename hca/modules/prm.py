@@ -27,7 +27,6 @@ step correctness exists ``val/first_error_f1_value`` / ``val/first_error_f1_prog
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import lightning as L
@@ -39,6 +38,7 @@ from torchmetrics.classification import BinaryAUROC, BinaryF1Score
 
 from hca.datamodules.trajectories import PRMBatch
 from hca.lora import LoraSettings
+from hca.modules.hparams import store_plain_hparams
 from hca.prm_metrics import (FirstErrorF1, PairwiseRankAccuracy, SoftCalibrationError, first_flag, harmful_step_targets,
                              predicted_first_error)
 from hca.prm_model import ProgressRewardModel, grow_backbone, hidden_size_of, load_backbone, save_prm
@@ -105,10 +105,7 @@ class PRMModule(L.LightningModule):
             raise ValueError(f"loss.targets must be 'soft' or 'hard', got {self.loss_cfg.targets!r}")
         if self.loss_cfg.final_weight < 0:
             raise ValueError(f"loss.final_weight must be >= 0, got {self.loss_cfg.final_weight}")
-        # plain types in hparams, so checkpoints load with weights_only=True
-        self.hparams["loss"] = dataclasses.asdict(self.loss_cfg)
-        self.hparams["lora"] = dataclasses.asdict(self.lora_cfg) if self.lora_cfg else None
-        self.hparams["eval"] = dataclasses.asdict(self.eval_cfg)
+        store_plain_hparams(self, loss=self.loss_cfg, lora=self.lora_cfg, eval=self.eval_cfg)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.tokenizer = None
         self.prm: ProgressRewardModel | None = None

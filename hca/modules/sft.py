@@ -2,7 +2,6 @@
 prover), with held-out pass@k measured by sampling at the end of each validation epoch."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import lightning as L
@@ -10,6 +9,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from hca.models import load_causal_lm, load_tokenizer, save_checkpoint
+from hca.modules.hparams import store_plain_hparams
 
 
 @dataclass
@@ -45,8 +45,7 @@ class SFTModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.sampling_eval = SamplingEval(**sampling_eval) if isinstance(sampling_eval, dict) else sampling_eval
-        if self.sampling_eval is not None:  # plain types in hparams, so checkpoints load with weights_only=True
-            self.hparams["sampling_eval"] = dataclasses.asdict(self.sampling_eval)
+        store_plain_hparams(self, sampling_eval=self.sampling_eval)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.tokenizer = None
