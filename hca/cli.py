@@ -13,6 +13,11 @@ def main(args=None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     argv = [sys.argv[0]] if args is not None else sys.argv  # given args replace the command line
+    extra = {}
+    if os.environ.get("HCA_STATUS_FILE"):  # a pipeline child: progress to a file (hca.status_file)
+        from hca.status_file import StatusFile
+
+        extra["trainer_defaults"] = {"callbacks": [StatusFile(os.environ["HCA_STATUS_FILE"])]}
     with mock.patch("sys.argv", argv):
         return LightningCLI(
             subclass_mode_model=True,
@@ -20,4 +25,5 @@ def main(args=None, run: bool = True):
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
+            **extra,
         )
