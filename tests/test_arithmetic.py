@@ -24,6 +24,12 @@ def test_worked_example_by_hand():
     (["7+5=12", "12+3=15", "15-4=11"], [True, False, False], 1),  # wrong operation
     (["7 + 5 = 12", "garbage", "36-4=32"], [True, False, True], 1),  # spaces tolerated; unparseable is wrong
     ([], [], None),
+    (["7+5*3=36", "36-4=32"], [True, True], None),  # a shortcut line consumes two operations
+    (["7+5*3-4=32"], [True], None),  # three at once is a valid (if risky) line
+    (["7+5*3=35", "35-4=31"], [False, False], 0),  # wrong shortcut result
+    (["7+5*3=36"], [False], 0),  # stopped early after a shortcut
+    (["7+5=12", "12*3-4=32"], [True, True], None),
+    (["7+5*3-4-1=31"], [False], 0),  # more operations than the problem has
 ])
 def test_step_correct(steps, expected, first):
     p = ArithmeticProblem(id="x", start=7, ops=(("+", 5), ("*", 3), ("-", 4)))
@@ -64,3 +70,27 @@ def test_splits_are_disjoint_and_files_roundtrip(tmp_path):
     assert ensure_split_files(str(tmp_path), 500, 50, 50, seed=3) == paths
     with pytest.raises(ValueError, match="spec"):
         ensure_split_files(str(tmp_path), 500, 50, 50, seed=4)
+
+
+def test_shortcut_solutions():
+    p = ArithmeticProblem(id="x", start=7, ops=(("+", 5), ("*", 3), ("-", 4), ("+", 1)), shortcuts=(1,))
+    assert p.solution == "7+5=12\n12*3-4=32\n32+1=33"
+    assert p.gold_steps() == ["7+5=12", "12*3=36", "36-4=32", "32+1=33"]  # the careful solution stays available
+    assert p.step_correct(p.solution_steps()) == [True, True, True]
+    assert ArithmeticProblem.from_record(json.loads(json.dumps(p.to_record()))) == p
+    assert "shortcuts" not in ArithmeticProblem(id="y", start=1, ops=(("+", 1),)).to_record()["meta"]
+    for bad in [(2, 3), (3,), (0, 1)]:
+        with pytest.raises(ValueError, match="shortcut"):
+            ArithmeticProblem(id="x", start=7, ops=p.ops, shortcuts=bad)
+
+
+def test_shortcut_prob_changes_solutions_not_problems():
+    plain = generate_problems(400, seed=3)
+    mixed = generate_problems(400, seed=3, cfg=ArithmeticConfig(shortcut_prob=0.3))
+    assert [p.ops for p in plain] == [p.ops for p in mixed] and all(not p.shortcuts for p in plain)
+    lines = sum(len(p.solution_steps()) for p in mixed)
+    merged = sum(len(p.shortcuts) for p in mixed)
+    assert 0.15 < merged / lines < 0.45  # about shortcut_prob of the line starts (pairs only)
+    assert all(p.step_correct(p.solution_steps()) == [True] * len(p.solution_steps()) for p in mixed)
+    with pytest.raises(ValueError, match="shortcut_prob"):
+        ArithmeticConfig(shortcut_prob=1.5)

@@ -7,7 +7,12 @@ precedence, so every operation is one reasoning step)::
     solution: "7+5=12\n12*3=36\n36-4=32"
 
 The gold solution has one step per line (step delimiter ``"\n"``); the last step holds the final
-answer, which is the integer after its ``=``. Intermediate values stay in ``[0, max_value]`` (the
+answer, which is the integer after its ``=``. A line may also take a **shortcut**: two operations at
+once, ``"7+5*3=36"`` (still left to right). With ``ArithmeticConfig.shortcut_prob > 0`` the training
+solutions mix careful and hasty lines, as human-written data mixes careful and hasty work; a tiny
+model errs far more often on a shortcut line, so a policy imitating the mix has a choice to make at
+the start of every line, and RL can learn to make it well. The configs of the embedded default use
+it (``configs/sft/arithmetic.yaml``); the plain task (``shortcut_prob = 0``) has one operation per line. Intermediate values stay in ``[0, max_value]`` (the
 generator only picks operations that keep them there), so no step needs a minus sign.
 
 Because the running value after every operation is known, the correctness of *every step of any
@@ -21,7 +26,8 @@ import re
 from dataclasses import dataclass, field
 
 STEP_DELIMITER = "\n"
-_STEP_RE = re.compile(r"^\s*(\d+)\s*([+\-*])\s*(\d+)\s*=\s*(\d+)\s*$")
+_STEP_RE = re.compile(r"^\s*(\d+)\s*((?:[+\-*]\s*\d+\s*)+)=\s*(\d+)\s*$")
+_OP_RE = re.compile(r"([+\-*])\s*(\d+)")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -33,8 +39,14 @@ class ArithmeticProblem:
     start: int
     ops: tuple[tuple[str, int], ...]  # [(op, operand)] in order, op in "+-*"
     values: tuple[int, ...] = field(default=())  # [num_steps] running values
+    shortcuts: tuple[int, ...] = ()  # ops i whose solution line also does op i + 1 (increasing, non-overlapping)
 
     def __post_init__(self):
+        for a, b in zip(self.shortcuts, self.shortcuts[1:]):
+            if b < a + 2:
+                raise ValueError(f"shortcuts must be increasing and non-overlapping, got {self.shortcuts}")
+        if self.shortcuts and not (0 <= self.shortcuts[0] and self.shortcuts[-1] + 1 < len(self.ops)):
+            raise ValueError(f"shortcut op index out of range for {len(self.ops)} ops: {self.shortcuts}")
         if not self.values:
             v, vals = self.start, []
             for op, b in self.ops:
@@ -59,36 +71,52 @@ class ArithmeticProblem:
         return str(self.values[-1])
 
     def gold_steps(self) -> list[str]:
+        """The careful solution: one operation per line."""
         prev, out = self.start, []
         for (op, b), v in zip(self.ops, self.values):
             out.append(f"{prev}{op}{b}={v}")
             prev = v
         return out
 
+    def solution_steps(self) -> list[str]:
+        """The demonstrated solution: :meth:`gold_steps` with the lines of ``shortcuts`` merged."""
+        out, prev, i = [], self.start, 0
+        while i < self.num_steps:
+            j = i + 2 if i in self.shortcuts else i + 1
+            out.append(f"{prev}" + "".join(f"{op}{b}" for op, b in self.ops[i:j]) + f"={self.values[j - 1]}")
+            prev, i = self.values[j - 1], j
+        return out
+
     @property
     def solution(self) -> str:
-        return STEP_DELIMITER.join(self.gold_steps())
+        return STEP_DELIMITER.join(self.solution_steps())
 
     def step_correct(self, steps: list[str]) -> list[bool]:
         """Ground-truth correctness of each step of a response, already cut into steps.
 
-        Step ``k`` is correct iff it reads ``a{op}b=c`` with ``a`` the true running value before
-        operation ``k`` (the start value for ``k = 0``), ``op``/``b`` the problem's ``k``-th
-        operation and ``c`` the true running value after it. A response that stops early makes its
-        last step wrong (it states a non-final value as the answer); steps beyond the last
-        operation are wrong. So a response is correct iff every step is, and the first ``False``
-        is the first error.
+        A step reads ``a{op}b=c`` or, as a shortcut, ``a{op}b{op}d...=c``. Steps consume the
+        problem's operations in order: a step that holds ``m`` operations and starts at operation
+        ``j`` is correct iff ``a`` is the true running value before operation ``j`` (the start value
+        for ``j = 0``), its operations are the problem's operations ``j .. j+m-1`` and ``c`` is the
+        true running value after them. A response that stops early makes its last step wrong (it
+        states a non-final value as the answer); steps beyond the last operation, and steps that do
+        not parse, are wrong (an unparsable step consumes one operation). So a response is correct
+        iff every step is, and the first ``False`` is the first error.
         """
-        out = []
-        for k, text in enumerate(steps):
+        out, j = [], 0
+        for text in steps:
             m = _STEP_RE.match(text)
-            if m is None or k >= self.num_steps:
+            if m is None or j >= self.num_steps:
                 out.append(False)
+                j += 1
                 continue
-            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-            before = self.start if k == 0 else self.values[k - 1]
-            out.append((a, op, b, c) == (before, *self.ops[k], self.values[k]))
-        if out and out[-1] and len(steps) < self.num_steps:
+            a, c = int(m[1]), int(m[3])
+            ops = tuple((op, int(b)) for op, b in _OP_RE.findall(m[2]))
+            end = j + len(ops)
+            before = self.start if j == 0 else self.values[j - 1]
+            out.append(end <= self.num_steps and a == before and ops == self.ops[j:end] and c == self.values[end - 1])
+            j = end
+        if out and out[-1] and j < self.num_steps:
             out[-1] = False
         return out
 
@@ -107,13 +135,15 @@ class ArithmeticProblem:
             "answer": self.answer,
             "task": "arithmetic",
             "solution": self.solution,
-            "meta": {"start": self.start, "ops": [[op, b] for op, b in self.ops]},
+            "meta": {"start": self.start, "ops": [[op, b] for op, b in self.ops],
+                     **({"shortcuts": list(self.shortcuts)} if self.shortcuts else {})},
         }
 
     @classmethod
     def from_record(cls, rec: dict) -> "ArithmeticProblem":
         meta = rec["meta"]
-        return cls(id=str(rec["id"]), start=int(meta["start"]), ops=tuple((op, int(b)) for op, b in meta["ops"]))
+        return cls(id=str(rec["id"]), start=int(meta["start"]), ops=tuple((op, int(b)) for op, b in meta["ops"]),
+                   shortcuts=tuple(int(i) for i in meta.get("shortcuts", ())))
 
 
 @dataclass(frozen=True)
@@ -126,8 +156,11 @@ class ArithmeticConfig:
     max_operand: int = 12  # operands drawn from [1, max_operand] (for * from [2, max_operand])
     max_value: int = 999  # every running value stays in [0, max_value]
     ops: str = "+-*"  # operations to draw from
+    shortcut_prob: float = 0.0  # chance that a solution line merges the next two operations (module docstring)
 
     def __post_init__(self):
+        if not 0.0 <= self.shortcut_prob <= 1.0:
+            raise ValueError(f"shortcut_prob must be in [0, 1], got {self.shortcut_prob}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         if not set(self.ops) <= set(_OPS) or not self.ops:
@@ -155,6 +188,7 @@ def generate_problems(n: int, seed: int, cfg: ArithmeticConfig | None = None, id
     """``n`` problems, deterministic in ``seed``; ids are ``f"{id_prefix}-{seed}-{i}"``."""
     cfg = cfg or ArithmeticConfig()
     rng = random.Random(seed)
+    style = random.Random(f"shortcuts/{seed}")  # its own stream: the problems do not depend on shortcut_prob
     out = []
     for i in range(n):
         v = rng.randint(0, cfg.max_start)
@@ -163,7 +197,14 @@ def generate_problems(n: int, seed: int, cfg: ArithmeticConfig | None = None, id
             op, b = _draw_op(rng, v, cfg)
             v = _OPS[op](v, b)
             ops.append((op, b))
-        out.append(ArithmeticProblem(id=f"{id_prefix}-{seed}-{i}", start=start, ops=tuple(ops)))
+        shortcuts, k = [], 0
+        while cfg.shortcut_prob > 0 and k + 1 < len(ops):
+            if style.random() < cfg.shortcut_prob:
+                shortcuts.append(k)
+                k += 2
+            else:
+                k += 1
+        out.append(ArithmeticProblem(id=f"{id_prefix}-{seed}-{i}", start=start, ops=tuple(ops), shortcuts=tuple(shortcuts)))
     return out
 
 
