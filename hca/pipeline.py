@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Stage:
     title: str  # what the banner says
     outputs: list[str]  # paths that exist once the stage has finished
     run: Callable[[], None]  # does the work (resuming where it can)
+    group: str | None = None  # consecutive stages of one group run side by side, one subprocess and thread each
     notes: list[str] = field(default_factory=list)
 
     def done(self) -> bool:
@@ -36,6 +37,35 @@ class Stage:
 def banner(text: str) -> None:
     line = "=" * max(60, len(text) + 8)
     print(f"\n{line}\n==  {text}\n{line}", flush=True)
+
+
+def derived_config(base: str, out_dir: str, values: dict[str, Any] | None = None) -> str:
+    """Write ``out_dir/config.yaml``: the YAML ``base`` with its output folder (its
+    ``trainer.default_root_dir``) replaced by ``out_dir`` in every value that names it (loggers,
+    checkpoints, export), then the dotted keys of ``values`` set (``"model.init_args.seed": 3``).
+    The written file is the run's exact recipe (``python train.py fit --config out_dir/config.yaml``)."""
+    import yaml
+
+    text = Path(base).read_text()
+    cfg = yaml.safe_load(text)
+    old = cfg.get("trainer", {}).get("default_root_dir")
+    if not old:
+        raise ValueError(f"{base}: trainer.default_root_dir is not set, so its output folder is unknown")
+    cfg = yaml.safe_load(text.replace(old, out_dir))
+    for key, value in (values or {}).items():
+        node, parts = cfg, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise KeyError(f"{base}: {key!r}: {part!r} is not a mapping in the config")
+            node = node[part]
+        node[parts[-1]] = value
+    out = Path(out_dir) / "config.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(f"# Derived from {base} by hca.pipeline.derived_config; overrides: {json.dumps(values or {})}\n"
+                   + yaml.safe_dump(cfg, sort_keys=False))
+    tmp.replace(out)
+    return str(out)
 
 
 def fit_from_config(config: str, export_dir: str, ckpt_dir: str, overrides: list[str] | None = None) -> None:
@@ -93,9 +123,13 @@ def evaluate_checkpoints(models: dict[str, str], problems_file: str, out_json: s
     return results
 
 
+QUICKSTART_RL: dict[str, Any] = {}  # overrides of configs/rl/arithmetic_{grpo,hca}.yaml for the quickstart (see below)
+
+
 def quickstart_stages() -> list[Stage]:
-    """The stages of `make quickstart`. Paths are those the YAML configs name (under ``runs/``)."""
-    root = "runs"
+    """The stages of `make quickstart`. Paths are those the YAML configs name (under ``runs/``);
+    the RL runs and everything the quickstart adds land in ``runs/quickstart``."""
+    root, qs = "runs", "runs/quickstart"
     sft = {
         "policy": ("configs/sft/arithmetic.yaml", f"{root}/sft/policy"),
         "prover": ("configs/sft/arithmetic_prover.yaml", f"{root}/sft/prover"),
@@ -103,45 +137,174 @@ def quickstart_stages() -> list[Stage]:
     stages = []
     for who, (cfg, out) in sft.items():
         stages.append(Stage(
-            name=f"sft-{who}", title=f"SFT of the {who} ({cfg})", outputs=[f"{out}/model/config.json"],
+            name=f"sft-{who}", title=f"SFT of the {who} ({cfg})", outputs=[f"{out}/model/config.json"], group="sft",
             run=lambda cfg=cfg, out=out: fit_from_config(cfg, f"{out}/model", f"{out}/checkpoints")))
     stages.append(Stage(
         name="collect", title="Prover-labeled trajectories (configs/collect/arithmetic.yaml)",
         outputs=[f"{root}/collect/arithmetic/manifest.json"],
         run=lambda: predict_from_config("configs/collect/arithmetic.yaml")))
     stages.append(Stage(
-        name="eval-sft", title="Held-out evaluation of the SFT checkpoints", outputs=[f"{root}/quickstart/eval_sft.json"],
-        run=lambda: evaluate_checkpoints({w: f"{o}/model" for w, (_, o) in sft.items()}, f"{root}/data/arithmetic/test.jsonl",
-                                         f"{root}/quickstart/eval_sft.json")))
+        name="prm", title="Progress PRM (configs/prm/arithmetic.yaml)", outputs=[f"{root}/prm/arithmetic/model/prm_config.json"],
+        run=lambda: fit_from_config("configs/prm/arithmetic.yaml", f"{root}/prm/arithmetic/model",
+                                    f"{root}/prm/arithmetic/checkpoints")))
+    rl = {m: (f"configs/rl/arithmetic_{m}.yaml", f"{qs}/rl/{m}") for m in ("grpo", "hca")}
+    for m, (cfg, out) in rl.items():
+        stages.append(Stage(
+            name=f"rl-{m}", title=f"RL with {m.upper()} from the SFT policy ({cfg})", outputs=[f"{out}/model/config.json"],
+            group="rl", run=lambda cfg=cfg, out=out: fit_from_config(derived_config(cfg, out, QUICKSTART_RL),
+                                                                     f"{out}/model", f"{out}/checkpoints")))
+    models = {"sft": f"{root}/sft/policy/model", **{m: f"{out}/model" for m, (_, out) in rl.items()}}
+    stages.append(Stage(
+        name="eval", title="Held-out test evaluation: SFT, GRPO, HCA", outputs=[f"{qs}/eval.json"],
+        run=lambda: evaluate_checkpoints(models, f"{root}/data/arithmetic/test.jsonl", f"{qs}/eval.json")))
+    stages.append(Stage(
+        name="report", title="Report: runs/quickstart/report.{md,html}", outputs=[f"{qs}/report.html"],
+        run=lambda: _report(qs)))
     return stages
 
 
-def run_stages(stages: list[Stage], only: list[str] | None = None, force: bool = False) -> None:
+def _report(out_dir: str) -> None:
+    from hca.report import write_report
+
+    paths = write_report(out_dir)
+    print("\n".join(f"  {k}: {v}" for k, v in paths.items()))
+
+
+def _pool_size() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def run_side_by_side(stages: list[Stage], plan: str, plan_args: dict, log_dir: Path, max_parallel: int | None = None,
+                     poll_s: float = 15.0) -> None:
+    """Run ``stages`` as subprocesses (``python -m hca.pipeline --only NAME``), at most
+    ``max_parallel`` at a time (default: the CPUs this process may use), one torch thread each:
+    tiny models use one thread far better than two, so two runs side by side on two cores finish
+    well before the same two runs one after the other. Consoles go to ``log_dir/NAME.log``; one
+    status line per poll shows where each run is. A failed run stops the pipeline (the others
+    finish first) with the tail of its log."""
+    import subprocess
+    import sys
+
+    from hca.status_file import ENV, read_status
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending, running, failed = list(stages), [], []
+    width = max_parallel or _pool_size()
+    last_print = time.time()
+    print(f"running {', '.join(s.name for s in stages)} side by side ({width} at a time); logs in {log_dir}/", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < width:
+                st = pending.pop(0)
+                status = log_dir / f"{st.name}.status"
+                status.unlink(missing_ok=True)
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", ENV: str(status)}
+                cmd = [sys.executable, "-m", "hca.pipeline", "--plan", plan, "--plan-args", json.dumps(plan_args),
+                       "--only", st.name, "--threads", "1"]
+                log = open(log_dir / f"{st.name}.log", "w")
+                running.append((st, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
+                                status, time.time()))
+            time.sleep(0.5 if running else 0)
+            finished = [item for item in running if item[1].poll() is not None]
+            if not finished and time.time() - last_print < poll_s:
+                continue
+            last_print = time.time()
+            line = []
+            for item in list(running):
+                st, proc, log, status, t0 = item
+                if item not in finished:
+                    line.append(f"{st.name}: {read_status(status)}")
+                    continue
+                log.close()
+                running.remove(item)
+                ok = proc.returncode == 0
+                line.append(f"{st.name}: {'finished' if ok else f'FAILED (exit {proc.returncode})'} in {time.time() - t0:.0f}s")
+                if not ok:
+                    failed.append(st.name)
+            print("  " + " | ".join(line), flush=True)
+    except KeyboardInterrupt:
+        for _, proc, *_ in running:
+            proc.terminate()
+        raise
+    if failed:
+        tails = "\n".join(f"--- {n} ({log_dir / (n + '.log')}):\n" + _tail(log_dir / f"{n}.log") for n in failed)
+        raise RuntimeError(f"stage(s) {', '.join(failed)} failed; rerun to resume.\n{tails}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").replace("\r", "\n").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def load_plan(plan: str, plan_args: dict | None = None) -> list[Stage]:
+    """``"module:function"`` called with ``plan_args`` -> the stage list."""
+    import importlib
+
+    module, _, fn = plan.partition(":")
+    return getattr(importlib.import_module(module), fn)(**(plan_args or {}))
+
+
+def run_stages(stages: list[Stage], only: list[str] | None = None, force: bool = False,
+               plan: str = "hca.pipeline:quickstart_stages", plan_args: dict | None = None,
+               log_dir: str = "runs/quickstart/logs", max_parallel: int | None = None) -> None:
+    """Run the stages in order, skipping finished ones (unless ``force``). Consecutive unfinished
+    stages of one ``group`` run side by side (:func:`run_side_by_side`); ``plan``/``plan_args``
+    name the function that rebuilds this stage list in those subprocesses."""
     t_start = time.time()
     timings = []
-    for i, st in enumerate(stages, 1):
-        if only and st.name not in only:
-            continue
+    todo = [(i, st) for i, st in enumerate(stages, 1) if not only or st.name in only]
+    k = 0
+    while k < len(todo):
+        i, st = todo[k]
         if st.done() and not force:
             banner(f"[{i}/{len(stages)}] {st.title}: already done, skipped")
             timings.append((st.name, "skipped"))
+            k += 1
             continue
-        banner(f"[{i}/{len(stages)}] {st.title}")
+        batch = [st]
+        while (st.group and k + len(batch) < len(todo) and todo[k + len(batch)][1].group == st.group):
+            nxt = todo[k + len(batch)][1]
+            if nxt.done() and not force:
+                break
+            batch.append(nxt)
         t0 = time.time()
-        st.run()
-        timings.append((st.name, f"{time.time() - t0:.0f}s"))
+        if len(batch) > 1 and (max_parallel or _pool_size()) > 1:
+            banner(f"[{i}-{i + len(batch) - 1}/{len(stages)}] " + " + ".join(b.title for b in batch))
+            run_side_by_side(batch, plan, plan_args or {}, Path(log_dir), max_parallel)
+            timings += [(b.name, f"{time.time() - t0:.0f}s (side by side)") for b in batch]
+        else:
+            for j, b in enumerate(batch):
+                banner(f"[{i + j}/{len(stages)}] {b.title}")
+                t1 = time.time()
+                b.run()
+                timings.append((b.name, f"{time.time() - t1:.0f}s"))
+        k += len(batch)
     banner(f"pipeline finished in {time.time() - t_start:.0f}s")
     for name, t in timings:
-        print(f"  {name:<14} {t}")
+        print(f"  {name:<16} {t}")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="run only these stages")
     ap.add_argument("--force", action="store_true", help="rerun stages even when their outputs exist")
+    ap.add_argument("--plan", default="hca.pipeline:quickstart_stages", help="module:function returning the stages")
+    ap.add_argument("--plan-args", default="{}", help="JSON keyword arguments of the plan function")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: torch's default)")
+    ap.add_argument("--max-parallel", type=int, default=None, help="runs side by side (default: the CPUs available)")
     a = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
-    run_stages(quickstart_stages(), a.only, a.force)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    plan_args = json.loads(a.plan_args)
+    run_stages(load_plan(a.plan, plan_args), a.only, a.force, a.plan, plan_args, max_parallel=a.max_parallel)
 
 
 if __name__ == "__main__":
