@@ -101,3 +101,22 @@ def test_datamodule_masks_prompt_and_appends_eos(tmp_path):
     prompt_len = n - len(resp)
     assert tok.decode(ids[:prompt_len], skip_special_tokens=True).endswith("\n")
     assert (labels[:prompt_len] == -100).all() and (labels[n:] == -100).all()
+
+
+def test_careful_solutions_replace_shortcut_lines(tmp_path):
+    data_dir = tmp_path / "data"
+    arith = ArithmeticData(out_dir=str(data_dir), num_train=64, num_val=8, num_test=8, seed=0,
+                           difficulty=ArithmeticConfig(min_steps=3, max_steps=4, shortcut_prob=0.5))
+    kw = dict(tokenizer="tiny-llama", train_file=str(data_dir / "train.jsonl"), val_file=str(data_dir / "val.jsonl"),
+              arithmetic=arith, batch_size=8)
+    mixed, careful = SFTDataModule(**kw), SFTDataModule(**kw, careful_solutions=True)
+    for dm in (mixed, careful):
+        dm.prepare_data()
+        dm.setup("fit")
+    merged = [(a, b) for a, b in zip(mixed.train_problems, careful.train_problems) if a.solution != b.solution]
+    assert merged  # shortcut_prob 0.5 merged some lines
+    for a, b in merged:
+        assert b.solution.count("\n") > a.solution.count("\n") and a.answer == b.answer
+        assert all(line.count("=") == 1 and sum(line.count(o) for o in "+-*") == 1 for line in b.solution.split("\n"))
+    assert careful.tokenizer.decode(careful.train_examples[0][0][careful.train_examples[0][1]:]).startswith(
+        careful.train_problems[0].solution)

@@ -44,10 +44,24 @@ class ArithmeticData:
                                   self.difficulty or ArithmeticConfig())
 
 
+def _careful(p: Problem, path: str) -> Problem:
+    from hca.tasks.arithmetic import STEP_DELIMITER, ArithmeticProblem
+
+    if p.task != "arithmetic" or "ops" not in p.meta:
+        raise ValueError(f"{path}: careful_solutions needs arithmetic problems with meta.ops; {p.id!r} has none")
+    steps = ArithmeticProblem.from_record(p.to_record()).gold_steps()
+    return dataclasses.replace(p, solution=STEP_DELIMITER.join(steps))
+
+
 class SFTDataModule(L.LightningDataModule):
     def __init__(self, tokenizer: str, train_file: str, val_file: str, task: str = "arithmetic",
                  arithmetic: ArithmeticData | None = None, template: str | None = None, batch_size: int = 64,
-                 max_length: int = 256, num_val_eval: int = 128, seed: int = 0, num_workers: int = 0):
+                 max_length: int = 256, num_val_eval: int = 128, seed: int = 0, num_workers: int = 0,
+                 careful_solutions: bool = False):
+        """``careful_solutions`` (arithmetic only): train on the one-operation-per-line solution rebuilt
+        from each record's ``meta`` instead of the file's ``solution`` (which mixes in shortcut lines,
+        :mod:`hca.tasks.arithmetic`): how the embedded prover is made a more reliable policy than the
+        one it judges, from the same problems."""
         super().__init__()
         self.save_hyperparameters()
         arithmetic = ArithmeticData.coerce(arithmetic)
@@ -72,6 +86,9 @@ class SFTDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(self.hparams.tokenizer)
         self.train_problems, _ = load_problems(self.hparams.train_file, self.hparams.task, self.hparams.template)
         self.val_problems, _ = load_problems(self.hparams.val_file, self.hparams.task, self.hparams.template)
+        if self.hparams.careful_solutions:
+            self.train_problems = [_careful(p, self.hparams.train_file) for p in self.train_problems]
+            self.val_problems = [_careful(p, self.hparams.val_file) for p in self.val_problems]
         missing = [p.id for p in self.train_problems if not p.solution]
         if missing:
             raise ValueError(f"{self.hparams.train_file}: {len(missing)} problems have no 'solution' to train on "
