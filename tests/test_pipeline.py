@@ -62,16 +62,19 @@ def test_group_runs_side_by_side_and_resumes_after_a_failure(tmp_path, monkeypat
 
 def test_derived_config_moves_outputs_and_sets_keys(tmp_path):
     path = derived_config("configs/rl/arithmetic_grpo.yaml", str(tmp_path / "run"),
-                          {"trainer.max_steps": 10, "model.init_args.seed": 3})
+                          {"trainer.max_steps": 10, "model.init_args.seed": 3,
+                           "trainer.callbacks.0.init_args.every_n_train_steps": 5})
     text = Path(path).read_text()
     assert "runs/rl/grpo" not in text
     cfg = yaml.safe_load(text)
     assert cfg["trainer"]["max_steps"] == 10 and cfg["model"]["init_args"]["seed"] == 3
+    assert cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] == 5
     assert cfg["model"]["init_args"]["export_dir"] == str(tmp_path / "run" / "model")
     assert cfg["trainer"]["logger"][0]["init_args"]["save_dir"] == str(tmp_path / "run")
-    assert json.loads(text.splitlines()[0].split("overrides: ")[1]) == {"trainer.max_steps": 10, "model.init_args.seed": 3}
-    with pytest.raises(KeyError, match="nope"):
-        derived_config("configs/rl/arithmetic_grpo.yaml", str(tmp_path / "x"), {"trainer.nope.deeper": 1})
+    assert json.loads(text.splitlines()[0].split("overrides: ")[1])["trainer.max_steps"] == 10
+    for bad in ["trainer.nope.deeper", "trainer.callbacks.7.init_args", "trainer.max_steps.x"]:
+        with pytest.raises(KeyError):
+            derived_config("configs/rl/arithmetic_grpo.yaml", str(tmp_path / "x"), {bad: 1})
 
 
 def test_quickstart_stage_order():
