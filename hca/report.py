@@ -47,7 +47,7 @@ def collection_tokens(collect_dir: str = COLLECT_DIR) -> int:
     return int(st["policy_tokens"]) + int(st["prover_tokens"])
 
 
-def plot_curves(curves: dict[str, list[dict]], offsets: dict[str, float], sft_pass1: float | None, path: Path) -> None:
+def plot_curves(curves: dict[str, list[dict]], offsets: dict[str, float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,8 +61,6 @@ def plot_curves(curves: dict[str, list[dict]], offsets: dict[str, float], sft_pa
         axes[1].plot([(p["tokens"] + offsets.get(name, 0)) / 1e6 for p in pts], [p["pass@1"] for p in pts], "o-",
                      label=name)
     for ax, xl in zip(axes, ["RL responses sampled", "all generated tokens (millions), prover rollouts included"]):
-        if sft_pass1 is not None:
-            ax.axhline(sft_pass1, color="gray", ls="--", lw=1, label="SFT start (test)")
         ax.set_xlabel(xl)
         ax.set_ylabel("held-out pass@1 (validation)")
         ax.grid(alpha=0.3)
@@ -121,12 +119,13 @@ def write_report(out_dir: str = "runs/quickstart", methods: tuple[str, ...] = ("
     ev = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
     if ev:
         n = max(int(k.split("@")[1]) for r in ev.values() for k in r if k.startswith("pass@"))
-        rows = [[name, r["greedy_pass@1"], r["pass@1"], r.get("pass@4", float("nan")), r.get("maj@4", float("nan")),
-                 r.get(f"pass@{n}", float("nan"))] for name, r in ev.items()]
+        ks = sorted({4, n})
+        rows = [[name, r["greedy_pass@1"], r["pass@1"], *[r.get(f"pass@{k}", float("nan")) for k in ks],
+                 r.get("maj@4", float("nan"))] for name, r in ev.items()]
         first = next(iter(ev.values()))
         sections.append(("Held-out test accuracy", f"{first['problems']} test problems, {n} samples each at T = 1 "
                          "(pass@k unbiased; greedy is one deterministic answer).\n\n"
-                         + _table(["checkpoint", "greedy", "pass@1", "pass@4", "maj@4", f"pass@{n}"], rows), None))
+                         + _table(["checkpoint", "greedy", "pass@1", *[f"pass@{k}" for k in ks], "maj@4"], rows), None))
 
     curves = {m: validation_curve(read_metrics(out / "rl" / m)) for m in methods}
     try:
@@ -136,11 +135,11 @@ def write_report(out_dir: str = "runs/quickstart", methods: tuple[str, ...] = ("
     offsets = {m: (ctok if m != "grpo" and "entropy" not in m else 0) for m in methods}
     if any(curves.values()):
         png = out / "curves.png"
-        plot_curves(curves, offsets, ev.get("sft", {}).get("pass@1"), png)
+        plot_curves(curves, offsets, png)
         rows = [[m, pts[0]["pass@1"], pts[-1]["pass@1"], max(p["pass@1"] for p in pts), int(pts[-1]["samples"]),
                  f"{(pts[-1]['tokens'] + offsets[m]) / 1e6:.2f}M"] for m, pts in curves.items() if pts]
         sections.append(("Learning curves", "Held-out validation pass@1 during RL, against RL responses sampled and "
-                         f"against all generated tokens (the step-progress methods pay {ctok / 1e6:.2f}M tokens of "
+                         f"against all generated tokens; the first point of each curve is the SFT policy (the step-progress methods pay {ctok / 1e6:.2f}M tokens of "
                          "policy samples and prover rollouts for the PRM's training data).\n\n"
                          + _table(["method", "start", "final", "best", "RL responses", "all tokens"], rows), str(png)))
 
@@ -162,9 +161,10 @@ def write_report(out_dir: str = "runs/quickstart", methods: tuple[str, ...] = ("
         pass
 
     credit_section = None
-    if Path(prm_dir, "prm_config.json").exists() and Path(policy).exists():
+    if Path(prm_dir, "model", "prm_config.json").exists() and Path(policy).exists():
         rl_cfg = out / "rl" / "hca" / "config.yaml"
-        rows = credit_rows(prm_dir, policy, test_file, str(rl_cfg if rl_cfg.exists() else "configs/rl/arithmetic_hca.yaml"))
+        rows = credit_rows(f"{prm_dir}/model", policy, test_file,
+                           str(rl_cfg if rl_cfg.exists() else "configs/rl/arithmetic_hca.yaml"))
         if rows:
             credit_png(rows, str(out / "credit.png"))
             frag = credit_html(rows)
