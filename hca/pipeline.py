@@ -169,7 +169,7 @@ def quickstart_stages() -> list[Stage]:
     models = {"sft": f"{root}/sft/policy/model", **{m: f"{out}/model" for m, (_, out) in rl.items()}}
     stages.append(Stage(
         name="eval", title="Held-out test evaluation: SFT, GRPO, HCA", outputs=[f"{qs}/eval.json"],
-        run=lambda: evaluate_checkpoints(models, f"{root}/data/arithmetic/test.jsonl", f"{qs}/eval.json", n=4)))
+        run=lambda: evaluate_checkpoints(models, f"{root}/data/arithmetic/test.jsonl", f"{qs}/eval.json", n=8)))
     stages.append(Stage(
         name="report", title="Report: runs/quickstart/report.{md,html}", outputs=[f"{qs}/report.html"],
         run=lambda: _report(qs)))
