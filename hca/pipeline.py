@@ -191,20 +191,20 @@ def _pool_size() -> int:
 
 
 def run_side_by_side(stages: list[Stage], plan: str, plan_args: dict, log_dir: Path, max_parallel: int | None = None,
-                     poll_s: float = 15.0) -> None:
+                     poll_s: float = 15.0) -> dict[str, float]:
     """Run ``stages`` as subprocesses (``python -m hca.pipeline --only NAME``), at most
     ``max_parallel`` at a time (default: the CPUs this process may use), one torch thread each:
     tiny models use one thread far better than two, so two runs side by side on two cores finish
     well before the same two runs one after the other. Consoles go to ``log_dir/NAME.log``; one
     status line per poll shows where each run is. A failed run stops the pipeline (the others
-    finish first) with the tail of its log."""
+    finish first) with the tail of its log. Returns each run's wall time in seconds."""
     import subprocess
     import sys
 
     from hca.status_file import ENV, read_status
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    pending, running, failed = list(stages), [], []
+    pending, running, failed, seconds = list(stages), [], [], {}
     width = max_parallel or _pool_size()
     last_print = time.time()
     print(f"running {', '.join(s.name for s in stages)} side by side ({width} at a time); logs in {log_dir}/", flush=True)
@@ -234,6 +234,7 @@ def run_side_by_side(stages: list[Stage], plan: str, plan_args: dict, log_dir: P
                 log.close()
                 running.remove(item)
                 ok = proc.returncode == 0
+                seconds[st.name] = time.time() - t0
                 line.append(f"{st.name}: {'finished' if ok else f'FAILED (exit {proc.returncode})'} in {time.time() - t0:.0f}s")
                 if not ok:
                     failed.append(st.name)
@@ -245,6 +246,7 @@ def run_side_by_side(stages: list[Stage], plan: str, plan_args: dict, log_dir: P
     if failed:
         tails = "\n".join(f"--- {n} ({log_dir / (n + '.log')}):\n" + _tail(log_dir / f"{n}.log") for n in failed)
         raise RuntimeError(f"stage(s) {', '.join(failed)} failed; rerun to resume.\n{tails}")
+    return seconds
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -288,8 +290,8 @@ def run_stages(stages: list[Stage], only: list[str] | None = None, force: bool =
         t0 = time.time()
         if len(batch) > 1 and (max_parallel or _pool_size()) > 1:
             banner(f"[{i}-{i + len(batch) - 1}/{len(stages)}] " + " + ".join(b.title for b in batch))
-            run_side_by_side(batch, plan, plan_args or {}, Path(log_dir), max_parallel)
-            timings += [(b.name, f"{time.time() - t0:.0f}s (side by side)") for b in batch]
+            seconds = run_side_by_side(batch, plan, plan_args or {}, Path(log_dir), max_parallel)
+            timings += [(b.name, f"{seconds[b.name]:.0f}s (side by side; group {time.time() - t0:.0f}s)") for b in batch]
         else:
             for j, b in enumerate(batch):
                 banner(f"[{i + j}/{len(stages)}] {b.title}")
