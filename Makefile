@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job (grows with each stage): SFT of policy and prover, then held-out evaluation.
+# The main job: SFT (policy, prover) -> collection -> PRM -> RL (GRPO, HCA) -> evaluation -> report (docs/quickstart.md).
 quickstart: setup
 	$(PY) -m hca.pipeline
 
