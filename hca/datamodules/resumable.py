@@ -15,15 +15,24 @@ from torch.utils.data import DataLoader, Sampler
 
 
 class _EpochPermutation(Sampler[int]):
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+    """Rank ``rank``'s share of a ``(seed, epoch)`` permutation of ``range(n)``: every
+    ``world_size``-th index of it, after cutting it to a multiple of ``world_size`` so that every
+    rank gets as many indices (ranks never share an index within an epoch)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if n < world_size:
+            raise ValueError(f"{n} items cannot be shared by {world_size} ranks")
+        self.n, self.seed, self.rank, self.world_size, self.epoch, self.skip = n, seed, rank, world_size, 0, 0
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world_size
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        yield from torch.randperm(self.n, generator=g)[self.skip:].tolist()
+        perm = torch.randperm(self.n, generator=g)[: len(self) * self.world_size]
+        yield from perm[self.rank::self.world_size][self.skip:].tolist()
 
 
 class ResumableLoader(DataLoader):
@@ -34,8 +43,8 @@ class ResumableLoader(DataLoader):
     the batches trained on). A state saved at the very end of an epoch resumes at the next epoch.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int = 0, **kwargs):
-        self._perm = _EpochPermutation(len(dataset), seed)
+    def __init__(self, dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, **kwargs):
+        self._perm = _EpochPermutation(len(dataset), seed, rank, world_size)
         super().__init__(dataset, batch_size=batch_size, sampler=self._perm, **kwargs)
         self._yielded = 0
         self._resume_batches = 0
@@ -52,15 +61,20 @@ class ResumableLoader(DataLoader):
         self._yielded = 0
 
     def __len__(self) -> int:
-        n = len(self.dataset) // self.batch_size if self.drop_last else -(-len(self.dataset) // self.batch_size)
-        return n
+        n = len(self._perm)  # this rank's share
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._perm.epoch, "batches": self._yielded, "seed": self._perm.seed}
+        return {"epoch": self._perm.epoch, "batches": self._yielded, "seed": self._perm.seed,
+                "world_size": self._perm.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed", self._perm.seed) != self._perm.seed:
             raise ValueError(f"checkpoint was written with data seed {state['seed']}, this run uses {self._perm.seed}")
+        if state.get("world_size", 1) != self._perm.world_size:
+            raise ValueError(f"checkpoint was written by {state['world_size']} ranks, this run has "
+                             f"{self._perm.world_size}: each rank's share of the problems would differ, so the "
+                             "resume would not be exact; resume on the same number of devices")
         self._perm.epoch = int(state["epoch"])
         self._resume_batches = int(state["batches"])
         if self._resume_batches >= len(self):

@@ -5,6 +5,12 @@ The train loader is a :class:`~hca.datamodules.resumable.ResumableLoader`: its o
 ``(seed, epoch)`` and a run resumed from a mid-epoch checkpoint continues with exactly the problems
 the uninterrupted run would have seen. Incomplete last batches are dropped, so every RL step has the
 same number of problems. An "epoch" is one pass over the training problems.
+
+On several ranks (DDP, DeepSpeed) each rank draws its own share of every epoch's permutation, so
+ranks never train on the same problem in an epoch and ``problems_per_step`` is per rank (an RL step
+uses ``problems_per_step x world_size`` problems in all). The loader shards by itself: run with
+``trainer.use_distributed_sampler: false`` (the ``configs/strategy`` fragments do), and resume on
+the same number of ranks.
 """
 from __future__ import annotations
 
@@ -68,8 +74,14 @@ class ProblemDataModule(L.LightningDataModule):
                              f"{hp.problems_per_step}")
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if len(self.train_problems) // world < self.hparams.problems_per_step:
+            raise ValueError(f"{self.hparams.train_file}: {len(self.train_problems)} problems over {world} ranks leave "
+                             f"fewer than problems_per_step={self.hparams.problems_per_step} per rank")
         return ResumableLoader(self.train_problems, batch_size=self.hparams.problems_per_step, seed=self.hparams.seed,
-                               collate_fn=as_list, num_workers=self.hparams.num_workers, drop_last=True)
+                               rank=rank, world_size=world, collate_fn=as_list, num_workers=self.hparams.num_workers,
+                               drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_problems, batch_size=self.hparams.val_batch_size, collate_fn=as_list,

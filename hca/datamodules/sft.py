@@ -115,8 +115,10 @@ class SFTDataModule(L.LightningDataModule):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def train_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         return ResumableLoader(self.train_examples, batch_size=self.hparams.batch_size, seed=self.hparams.seed,
-                               collate_fn=self._collate, num_workers=self.hparams.num_workers, drop_last=True)
+                               rank=rank, world_size=world, collate_fn=self._collate,
+                               num_workers=self.hparams.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_examples, batch_size=self.hparams.batch_size, collate_fn=self._collate,
