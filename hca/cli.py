@@ -13,11 +13,11 @@ def main(args=None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     argv = [sys.argv[0]] if args is not None else sys.argv  # given args replace the command line
-    extra = {}
-    if os.environ.get("HCA_STATUS_FILE"):  # a pipeline child: progress to a file (hca.status_file)
-        from hca.status_file import StatusFile
+    from hca.status_file import ENV, StatusFile
 
-        extra["trainer_defaults"] = {"callbacks": [StatusFile(os.environ["HCA_STATUS_FILE"])]}
+    extra = {}
+    if os.environ.get(ENV):  # a pipeline child: progress to a file (hca.status_file)
+        extra["trainer_defaults"] = {"callbacks": [StatusFile(os.environ[ENV])]}
     with mock.patch("sys.argv", argv):
         return LightningCLI(
             subclass_mode_model=True,

@@ -90,13 +90,15 @@ def _pm(ms: tuple[float, float], fmt: str = ".3f") -> str:
 
 
 def markdown(rows: list[dict], target: float) -> str:
-    head = ("| method | runs reaching target | RL samples to target | tokens to target (M) | start pass@1 | "
-            "final pass@1 | best pass@1 |\n| --- | --- | --- | --- | --- | --- | --- |\n")
-    body = "".join(
-        f"| {r['method']} | {r['reached']}/{r['runs']} | {_pm(r['samples_to_target'], '.0f')} | "
-        f"{_pm(tuple(x / 1e6 for x in r['tokens_to_target']), '.2f')} | {_pm(r['start_pass@1'])} | "
-        f"{_pm(r['final_pass@1'])} | {_pm(r['best_pass@1'])} |\n" for r in rows)
-    return f"Target held-out pass@1: {target:.3f}. Mean ± std over seeds (samples and tokens: over the runs that reached it).\n\n" + head + body
+    from hca.report import md_table
+
+    header = ["method", "runs reaching target", "RL samples to target", "tokens to target (M)", "start pass@1",
+              "final pass@1", "best pass@1"]
+    table = md_table(header, [[r["method"], f"{r['reached']}/{r['runs']}", _pm(r["samples_to_target"], ".0f"),
+                               _pm(tuple(x / 1e6 for x in r["tokens_to_target"]), ".2f"), _pm(r["start_pass@1"]),
+                               _pm(r["final_pass@1"]), _pm(r["best_pass@1"])] for r in rows])
+    return (f"Target held-out pass@1: {target:.3f}. Mean ± std over seeds (samples and tokens: over the runs that "
+            "reached it).\n\n" + table)
 
 
 def plot(curves: dict[str, dict[int, list[dict]]], target: float, path: Path) -> None:

@@ -72,7 +72,8 @@ def plot_curves(curves: dict[str, list[dict]], offsets: dict[str, float], path: 
     plt.close(fig)
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def md_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; floats with 3 decimals, anything else as ``str``."""
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -125,7 +126,7 @@ def write_report(out_dir: str = "runs/quickstart", methods: tuple[str, ...] = ("
         first = next(iter(ev.values()))
         sections.append(("Held-out test accuracy", f"{first['problems']} test problems, {n} samples each at T = 1 "
                          "(pass@k unbiased; greedy is one deterministic answer).\n\n"
-                         + _table(["checkpoint", "greedy", "pass@1", *[f"pass@{k}" for k in ks], "maj@4"], rows), None))
+                         + md_table(["checkpoint", "greedy", "pass@1", *[f"pass@{k}" for k in ks], "maj@4"], rows), None))
 
     curves = {m: validation_curve(read_metrics(out / "rl" / m)) for m in methods}
     try:
@@ -141,18 +142,18 @@ def write_report(out_dir: str = "runs/quickstart", methods: tuple[str, ...] = ("
         sections.append(("Learning curves", "Held-out validation pass@1 during RL, against RL responses sampled and "
                          f"against all generated tokens; the first point of each curve is the SFT policy (the step-progress methods pay {ctok / 1e6:.2f}M tokens of "
                          "policy samples and prover rollouts for the PRM's training data).\n\n"
-                         + _table(["method", "start", "final", "best", "RL responses", "all tokens"], rows), str(png)))
+                         + md_table(["method", "start", "final", "best", "RL responses", "all tokens"], rows), str(png)))
 
     prm = [r for r in read_metrics(prm_dir) if "val/value_mse" in r]
     if prm:
         last = prm[-1]
         keys = ["value_mse", "progress_mse", "progress_spearman", "harmful_auroc", "outcome_auroc", "outcome_pair_acc",
                 "first_error_f1_value", "first_error_f1_progress", "ece"]
-        sections.append(("Progress PRM (validation)", _table(["metric", "value"], [[k, last[f"val/{k}"]] for k in keys
+        sections.append(("Progress PRM (validation)", md_table(["metric", "value"], [[k, last[f"val/{k}"]] for k in keys
                                                                                      if f"val/{k}" in last]), None))
     try:
         tot = json.loads((Path(collect_dir) / "manifest.json").read_text())["totals"]
-        sections.append(("Collection", _table(["figure", "value"], [
+        sections.append(("Collection", md_table(["figure", "value"], [
             ["problems", int(tot["problems"])], ["responses", int(tot["responses"])], ["steps labeled", int(tot["steps"])],
             ["mean V(h_0)", tot["v_h0_mean"]], ["mean progress", tot["progress_mean"]],
             ["negative-progress steps", tot["progress_negative_frac"]], ["seconds", tot["collection_stats"]["seconds"]]]),

@@ -268,7 +268,7 @@ class HCAPolicyModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Validate the starting policy once, before RL step 1 (``validation.at_start``), and write it
-        to the loggers at step 0 with ``train/samples = 0``, so every learning curve starts at the
+        to the loggers at step 0 with ``val/samples = 0``, so every learning curve starts at the
         policy RL began from. Same problems and seeds as the periodic validation; a resumed run skips it."""
         cfg = self.validation
         if cfg is None or not cfg.at_start or self.rl_step != 0 or self.trainer.datamodule is None:
