@@ -75,6 +75,87 @@ GSM = [
     ("The answer is 0.30000000000000004", "0.3", True),  # tolerance for floats
 ]
 
+# Chat-model endings (gsm8k). Order of preference: the last \\boxed{} (or \\fbox{}) holding a
+# number, then the last "#### N" line, then the first number after the last "answer is", then the
+# last number.
+GSM_CHAT = [
+    # a box wins over an "answer is" that starts with arithmetic
+    ("Thus, the answer is 2 times 9, which is \\(\\boxed{18}\\).", "18", True),
+    ("Thus, the answer is 2 times 9, which is \\(\\boxed{18}\\).", "2", False),
+    ("The answer is 2*9 = 18. \\boxed{18}", "18", True),
+    ("The answer is 18.\n\\boxed{12}", "18", False),  # the box wins even when it is wrong
+    ("The answer is 18.\n\\boxed{12}", "12", True),
+    # LaTeX delimiters around the box
+    ("So she earns:\n\\[ \\boxed{18} \\]", "18", True),
+    ("The final answer is $\\boxed{18}$.", "18", True),
+    ("Hence \\(\\fbox{18}\\).", "18", True),
+    # several boxes: the last wins
+    ("First $\\boxed{12}$; correcting the slip: $\\boxed{18}$.", "18", True),
+    ("First $\\boxed{18}$; correcting the slip: $\\boxed{12}$.", "18", False),
+    ("Per day \\(\\boxed{6}\\), so in total \\(\\boxed{18}\\).", "6", False),
+    # prose after the box
+    ("\\boxed{18}. I hope this helps!", "18", True),
+    ("... so \\boxed{18} dollars, which is reasonable since 9*2 = 18", "18", True),
+    ("She earns \\boxed{18} dollars. Check: 3 * 7 = 21 hours.", "18", True),
+    ("She earns \\boxed{18} dollars. Check: 3 * 7 = 21 hours.", "21", False),
+    # units, commas, decimals and arithmetic inside the box
+    ("\\boxed{1,000}", "1000", True),
+    ("\\boxed{1{,}000}", "1000", True),
+    ("\\boxed{1\\,000}", "1,000", True),
+    ("\\boxed{1,000}", "1", False),
+    ("\\boxed{\\$18}", "18", True),
+    ("\\boxed{\\$18.00}", "18", True),
+    ("\\boxed{18.00}", "18", True),
+    ("\\boxed{18.5}", "18", False),
+    ("\\boxed{18 \\text{ dollars}}", "18", True),
+    ("\\boxed{\\text{18 dollars}}", "18", True),
+    ("\\boxed{18 \\text{ cm}^2}", "18", True),  # not the exponent
+    ("\\boxed{18 \\text{ cm}^2}", "2", False),
+    ("\\boxed{18 apples}", "18", True),
+    ("\\boxed{2 \\times 9 = 18}", "18", True),
+    ("\\boxed{x = 18}", "18", True),
+    ("\\boxed{25\\%}", "25", True),
+    ("\\boxed{\\frac{3}{4}}", "0.75", True),
+    ("\\boxed{1\\frac{1}{2}}", "1.5", True),  # mixed number
+    # negative numbers
+    ("The temperature ends at \\(\\boxed{-5}\\) degrees.", "-5", True),
+    ("The temperature ends at \\(\\boxed{-5}\\) degrees.", "5", False),
+    ("\\boxed{\u22125}", "-5", True),  # unicode minus
+    ("#### -5", "-5", True),
+    ("The answer is -5 degrees.", "5", False),
+    # "####": after prose; beats "answer is"; loses to a box; markdown headings do not count
+    ("She pays 3 * 6 = 18 dollars in all.\n#### 18", "18", True),
+    ("The answer is 12.\n#### 18", "18", True),
+    ("#### 18\nIn short \\boxed{12}.", "18", False),
+    ("#### $1,000.", "1000", True),
+    ("#### Step 3: add them up\nShe pays 3 + 15 = 18 dollars.", "18", True),
+    ("#### Step 3: add them up\nShe pays 3 + 15 = 18 dollars.", "3", False),
+    ("#### 3. Total\nShe pays 18 dollars.", "3", False),
+    # no box, no "####": "answer is", then the last number
+    ("The answer is 18 apples, since 3 * 6 = 18 and 2 are left.", "18", True),
+    ("The answer is 18 apples, since 3 * 6 = 18 and 2 are left.", "2", False),
+    ("She has 3 * 6 = 18 apples.", "18", True),
+    ("She has 3 * 6 = 18 apples.", "6", False),
+    # a last box without a number is skipped: the later rules apply
+    ("3 * 6 = 18, so \\boxed{\\text{Janet}} has more.", "18", True),
+    ("3 * 6 = 18, so \\boxed{}", "18", True),
+]
+
+# The same order for task "math" where it applies (box, then "#### N", then "answer is").
+MATH_ORDER = [
+    ("Thus, the answer is 2 times 9, which is \\(\\boxed{18}\\).", "18", True),
+    ("The answer is 2*9 = 18. \\boxed{18}", "18", True),
+    ("The answer is 18.\n\\boxed{12}", "18", False),
+    ("\\boxed{18}. I hope this helps!", "18", True),
+    ("First $\\boxed{18}$; correcting the slip: $\\boxed{12}$.", "18", False),
+    ("\\boxed{1{,}000}", "1000", True),
+    ("\\boxed{18 \\text{ dollars}}", "18", True),
+    ("She has 9 eggs.\n#### 18\nI hope this helps with 3 more questions.", "18", True),
+    ("The answer is 12.\n#### 18", "18", True),
+    ("The answer is 12.\n#### 18", "12", False),
+    ("#### 18\nIn short \\boxed{12}.", "18", False),
+]
+
 MATH = [
     ("So $\\boxed{\\frac{1}{2}}$.", "0.5", True),
     ("So $\\boxed{0.5}$.", "\\frac12", True),
@@ -147,6 +228,16 @@ def test_math_cases(worker, response, reference, expected):
     assert is_correct(response, reference, "math") is expected
 
 
+@pytest.mark.parametrize("response,reference,expected", GSM_CHAT)
+def test_gsm8k_chat_endings(response, reference, expected):
+    assert is_correct(response, reference, "gsm8k") is expected
+
+
+@pytest.mark.parametrize("response,reference,expected", MATH_ORDER)
+def test_math_follows_the_same_order(worker, response, reference, expected):
+    assert is_correct(response, reference, "math") is expected
+
+
 @pytest.mark.parametrize(
     "response,task,expected",
     [
@@ -156,6 +247,9 @@ def test_math_cases(worker, response, reference, expected):
         ("The answer is -3.", "gsm8k", "-3"),
         ("it is 1/4 of it", "gsm8k", "0.25"),
         ("it is 1/3 of it", "gsm8k", "1/3"),
+        ("Thus, the answer is 2 times 9, which is \\(\\boxed{18}\\).", "gsm8k", "18"),
+        ("#### Step 3: add\nso 3 + 15 = 18", "gsm8k", "18"),
+        ("She has 9 eggs.\n#### 18\nThat is all.", "math", "18"),
         ("no number", "gsm8k", None),
         ("7+5=12\n12*3=036", "arithmetic", "36"),
         ("nothing", "arithmetic", None),
@@ -246,6 +340,9 @@ PATHOLOGICAL = [
     ("deep fractions", "\\boxed{" + "\\frac{1}{" * 500 + "2" + "}" * 500 + "}"),
     ("many equals", "=" * 1_000_000 + "5"),
     ("long gsm answer", "#### " + "9" * 100_000),
+    ("many #### lines", "#### 1 x\n" * 100_000),
+    ("many #### on one line", "####" * 1_000_000 + " 5"),
+    ("box of unit texts", "\\boxed{" + "1 \\text{ a}=" * 50_000 + "}"),
     ("comma soup", "the answer is " + "1," * 100_000),
     ("odd characters", "\x00\xff\ud800 \\boxed{\ud800}"),
     ("empty", ""),

@@ -26,18 +26,33 @@ What each task accepts
     if no ``=`` is followed by an integer, the last integer in the response. Reference: an integer
     string. Exact integer equality (digit strings are compared, so there is no int-size limit).
 ``"gsm8k"``
-    Prediction, first rule that matches: the number after the last ``####``; the first number
-    after the last ``answer is`` / ``answer:``; the number in the last ``\\boxed{}``/``\\fbox{}``;
-    the last number in the response. Numbers may carry ``$``/``\\$``, thousands commas, a leading
-    ``-`` (or U+2212), a decimal part, a trailing ``%`` or period; ``a/b`` and ``\\frac{a}{b}`` are
-    read as fractions. Reference: a number in the same format, or a full GSM8K solution ending in
-    ``#### N``. Comparison is exact on rationals when both are integers, otherwise
-    ``math.isclose(rel_tol=1e-6, abs_tol=1e-9)``. Pure Python, no sympy.
+    Prediction, first rule that gives a number:
+
+    1. the last ``\\boxed{}``/``\\fbox{}`` (chat models are asked for one, and often write
+       arithmetic or an "answer is" before it: ``the answer is 2 times 9, which is
+       \\(\\boxed{18}\\)`` is 18). Its whole content if that is a number (``\\$1,000``,
+       ``1{,}000``, ``18.00``, ``\\frac{3}{4}``, ``1\\frac{1}{2}``); else the part after its last
+       ``=`` with unit ``\\text{...}`` groups removed, if that is a number, else that part's
+       *first* number (``18 \\text{ cm}^2`` and ``18 apples`` are 18, ``2 \\times 9 = 18`` is 18).
+       A last box without a number (``\\boxed{}``) is skipped, and earlier boxes are not used;
+    2. the last ``#### N`` line, where the rest of the line is just the number (GSM8K's answer
+       line; markdown headings such as ``#### Step 3: ...`` are not answers);
+    3. the first number in the 60 characters after the last ``answer is`` / ``answer:``;
+    4. the last number in the response.
+
+    Numbers may carry ``$``/``\\$``, thousands commas, a leading ``-`` (or U+2212), a decimal
+    part, a trailing ``%`` or period; ``a/b`` and ``\\frac{a}{b}`` are read as fractions. Reference:
+    a number in the same format, or a full GSM8K solution ending in ``#### N``. Comparison is exact
+    on rationals when both are integers, otherwise ``math.isclose(rel_tol=1e-6, abs_tol=1e-9)``.
+    Pure Python, no sympy.
 ``"math"`` (MATH / MATH-500 style LaTeX answers)
-    Prediction: the content of the last ``\\boxed{...}`` (nested braces), ``\\boxed 5`` or
-    ``\\fbox{...}``; without one, math-verify's own extraction over the response tail (``final
-    answer is``, ``answer:``, last LaTeX/number). Reference: the LaTeX answer (a full solution with
-    a ``\\boxed{}`` also works: its last box is used).
+    Prediction, in gsm8k's order where it applies: the content of the last ``\\boxed{...}``
+    (nested braces), ``\\boxed 5`` or ``\\fbox{...}`` (an empty box counts, as a wrong answer);
+    else the number of the last ``#### N`` line; else the text after the last ``final answer
+    is``/``answer is``/``answer:`` (for the fast path only: when that does not decide, and when
+    nothing above is found, math-verify's own extraction over the response tail decides, which
+    ends with the last LaTeX/number). Reference: the LaTeX answer (a full solution with a
+    ``\\boxed{}`` also works: its last box is used).
 
     1. *Fast path*, in-process: both sides are normalised (``\\left``/``\\right``, spacing macros,
        ``\\dfrac``/``\\tfrac``, ``\\frac12``, ``^\\circ``, trailing ``\\text{units}``, ``\\text{}``
@@ -49,7 +64,8 @@ What each task accepts
        rounding decides.
     2. *Slow path*: math-verify 0.9 (``parse`` with ``LatexExtractionConfig`` +
        ``ExprExtractionConfig``, ``verify`` with ``strict=True``) on ``\\boxed{ref}`` vs
-       ``\\boxed{pred}`` (or the response tail), run in a worker process, results cached.
+       ``\\boxed{pred}`` for a boxed or ``####`` prediction (else the response tail), run in a
+       worker process, results cached.
 
 Timeout design
 --------------
@@ -93,7 +109,8 @@ Departures from a plain ``math_verify.verify(parse(gold), parse(pred))``
 * The fast path can say True where math-verify would not: normalisation drops units in a
   trailing ``\\text{}``/``\\mbox{}`` or plain words after a number, degree signs, ``\\%`` and ``\\$``, and a leading ``x=``; and
   mixed numbers ``1\\frac{4}{5}`` mean 9/5 (MATH convention).
-* The prediction is the *last* ``\\boxed{}`` (a list split over several boxes is not joined).
+* The prediction is the *last* ``\\boxed{}`` (a list split over several boxes is not joined),
+  even when an earlier "answer is" or ``####`` says otherwise.
 * Timeouts, over-long answers and explosive expressions are False.
 
 Modules
@@ -183,7 +200,7 @@ def _math_plan(response: str, reference: str) -> bool | tuple[str, str]:
         verdict = _fast_math(pred, ref)
         if verdict is not None:
             return verdict
-    if pred is not None and source == "boxed":
+    if pred is not None and source in ("boxed", "hashes"):
         if len(pred) > MAX_ANSWER_CHARS:
             return False
         pred_text = "\\boxed{" + pred + "}"

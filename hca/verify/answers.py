@@ -1,10 +1,12 @@
 """Answer extraction and normalisation, pure Python (no sympy, no subprocess).
 
-Per task: the response's final answer (``\\boxed{}`` parsing, ``####``, ``answer is``, last
-number/integer), its canonical form, the exact-number rules of ``arithmetic`` and ``gsm8k``, the
-``math`` fast path (normalised-string / exact-rational equality) and the pre-checks that keep
-pathological input away from sympy (``_explosive``). Every regex here is linear and only the last
-``MAX_TAIL_CHARS`` characters of a response are searched. See :mod:`hca.verify` for the rules.
+Per task: the response's final answer (for ``gsm8k`` and ``math``, in this order of preference:
+the last ``\\boxed{}``, the last ``#### N`` line, ``answer is``, the last number; for
+``arithmetic`` the integer after the last ``=``), its canonical form, the exact-number rules of
+``arithmetic`` and ``gsm8k``, the ``math`` fast path (normalised-string / exact-rational equality)
+and the pre-checks that keep pathological input away from sympy (``_explosive``). Every regex here
+is linear and only the last ``MAX_TAIL_CHARS`` characters of a response are searched. See
+:mod:`hca.verify` for the rules.
 """
 from __future__ import annotations
 
@@ -239,33 +241,78 @@ def _strip_latex_wrappers(s: str) -> str:
 
 
 def _gsm_whole_number(s: str) -> Fraction | None:
-    """Value of a string that is just a number (with $, commas, %, units-free)."""
+    """Value of a string that is just a number (with $, commas, %, units-free).
+
+    Digits separated only by whitespace (``"2 30"``) are not one number (None), so that text
+    with its unit words removed is not read as a concatenation.
+    """
     s = _strip_latex_wrappers(_gsm_clean(s)).strip()
-    s = re.sub(r"\\[,!;: ]|\\\$|\$|\\%|%|\\left|\\right|\s", "", s)
+    if _DIGIT_GAP_RE.search(s):
+        return None
+    s = re.sub(r"\\[,!;: ]|\\\$|\$|\\%|%|\\left|\\right|\s", "", s.replace("{,}", ","))
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
     return _parse_number(s)
 
 
+_DIGIT_GAP_RE = re.compile(r"\d\s+\d")
+_UNIT_TEXT_RE = re.compile(
+    r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{[^{}\d]*\}(?:\s*\^\s*\{?\s*[23]\s*\}?)?"
+)
+_HASH_LINE_RE = re.compile(r"(?<!#)####(?!#)[ \t]*([^\n]*)")
+
+
+def _gsm_box_value(box: str) -> Fraction | None:
+    """The number a ``\\boxed{}`` holds: the whole content if it is a number (``\\$1,000``,
+    ``18.00``, ``1{,}000``, ``\\frac{3}{4}``); else, after the last ``=`` (``2 \\times 9 = 18``)
+    and with unit ``\\text{...}`` groups removed (``18 \\text{ cm}^2``), that rest if it is a
+    number, else its *first* number (``18 apples``)."""
+    q = _gsm_whole_number(box)
+    if q is not None:
+        return q
+    rest = box.rsplit("=", 1)[-1]
+    rest = _UNIT_TEXT_RE.sub(" ", rest if re.search(r"\d", rest) else box)
+    q = _gsm_whole_number(rest)
+    return q if q is not None else _first_gsm_number(_gsm_clean(rest))
+
+
+def _hash_answer(text: str) -> str | None:
+    """The rest of the line after the last ``####`` whose rest is just a number (``#### 18``,
+    ``#### $1,000.``), GSM8K's answer line; markdown headings (``#### Step 3: ...``) never count."""
+    found = None
+    for m in _HASH_LINE_RE.finditer(text):
+        rest = m.group(1).strip()
+        if len(rest) <= MAX_NUMBER_CHARS and _gsm_whole_number(rest) is not None:
+            found = rest
+    return found
+
+
 def _extract_gsm8k_value(response: str) -> Fraction | None:
+    """The final answer of a gsm8k response; the first rule that gives a number wins:
+
+    1. the last ``\\boxed{}``/``\\fbox{}`` (:func:`_gsm_box_value`); chat models are asked for
+       a box and often write arithmetic or an "answer is" before it;
+    2. the last ``#### N`` line (:func:`_hash_answer`);
+    3. the first number in the 60 characters after the last "answer is" / "answer:";
+    4. the last number of the response (not one cut in half by the tail limit).
+
+    A last box without a number in it (``\\boxed{}``, ``\\boxed{\\text{Janet}}``) is skipped,
+    not taken as a wrong answer, and an earlier box is then not consulted.
+    """
     text, cut = _tail(response)
     text = _gsm_clean(text)
-    i = text.rfind(_HASHES)
-    if i >= 0:
-        q = _first_gsm_number(text[i + len(_HASHES) : i + len(_HASHES) + 200])
+    box = _last_boxed(text)
+    if box is not None:
+        q = _gsm_box_value(box)
         if q is not None:
             return q
+    hashed = _hash_answer(text)
+    if hashed is not None:
+        return _gsm_whole_number(hashed)
     last = None
     for last in _ANSWER_IS_RE.finditer(text):
         pass
     if last is not None:
         q = _first_gsm_number(text[last.end() : last.end() + 60])
-        if q is not None:
-            return q
-    box = _last_boxed(text)
-    if box is not None:
-        q = _gsm_whole_number(box)
-        if q is None:
-            q = _last_gsm_number(_gsm_clean(box))
         if q is not None:
             return q
     return _last_gsm_number(text, cut)
@@ -349,11 +396,19 @@ def _math_canonical(ans: str) -> str:
 
 
 def _extract_math(response: str) -> tuple[str | None, str]:
-    """(raw answer, source) where source is "boxed", "anchor" or "" (nothing found)."""
+    """(raw answer, source) where source is "boxed", "hashes", "anchor" or "" (nothing found).
+
+    The order of gsm8k's rules: the last ``\\boxed{}`` (an empty one included), then the last
+    ``#### N`` line, then the text after the last "answer is" / "answer:"; "" leaves the rest
+    (math-verify's own extraction, about the last LaTeX/number) to the caller.
+    """
     text, _ = _tail(response)
     box = _last_boxed(text)
     if box is not None:
         return box, "boxed"
+    hashed = _hash_answer(_gsm_clean(text))
+    if hashed is not None:
+        return hashed, "hashes"
     last = None
     for last in _ANCHOR_RE.finditer(text):
         pass
