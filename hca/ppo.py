@@ -7,7 +7,8 @@ Lightning-free; :class:`hca.modules.policy.HCAPolicyModule` owns backward, clipp
   optimizer update, so a step makes ``updates_per_step(N) = ppo_epochs * ceil(N / mini_batch_size)``.
   The shuffle comes from a generator the caller seeds (the module: from ``(seed, rl_step)``).
 * :func:`ppo_loss` recomputes the current log-probs by teacher forcing
-  (:func:`hca.rollout.sequence_logprobs`, same temperature as sampling) and returns the clipped
+  (:func:`hca.logprobs.sequence_logprobs`, same temperature as sampling; the LM head applied
+  ``logprob_chunk_size`` scored tokens at a time, so no ``[N, T, V]`` fp32 logits) and returns the clipped
   surrogate :func:`hca.credit.policy_loss` plus ``kl_coef * aggregate(kl_k3(logp, ref_logp))`` when
   the batch carries reference log-probs (the same aggregation as the surrogate).
 * ``recompute_old_logp``: by default the behaviour log-probs are the ones recorded while sampling
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from hca.credit import AGGREGATIONS, aggregate, kl_k3, policy_loss
 from hca.rl_batch import TRUNCATION, RLBatch
-from hca.rollout import sequence_logprobs
+from hca.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logprobs
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class PPOConfig:
     max_grad_norm: float | None = 1.0  # clip the global gradient norm (None: no clipping)
     truncation: str = "zero_reward"  # responses cut at the token budget: "zero_reward" | "mask" (see rl_batch)
     recompute_old_logp: bool = False  # recompute behaviour log-probs by teacher forcing before updating
+    logprob_chunk_size: int | None = DEFAULT_CHUNK_TOKENS  # scored tokens per LM-head chunk (hca.logprobs); None: full logits
 
     def __post_init__(self):
         for name in ("group_size", "ppo_epochs"):
@@ -53,6 +55,9 @@ class PPOConfig:
             raise ValueError(f"unknown agg {self.agg!r}; valid: {sorted(AGGREGATIONS)}")
         if self.truncation not in TRUNCATION:
             raise ValueError(f"unknown truncation {self.truncation!r}; valid: {sorted(TRUNCATION)}")
+        if self.logprob_chunk_size is not None and (not isinstance(self.logprob_chunk_size, int)
+                                                    or self.logprob_chunk_size < 1):
+            raise ValueError(f"logprob_chunk_size must be None or an int >= 1, got {self.logprob_chunk_size!r}")
         if self.clip_low < 0 or self.clip_high < 0 or self.kl_coef < 0:
             raise ValueError("clip_low, clip_high and kl_coef must be >= 0")
 
@@ -70,7 +75,8 @@ def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len:
              ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one mini-batch (with a graph) and detached metrics: those of ``policy_loss``,
     ``pg_loss``, ``loss`` and, with reference log-probs, ``kl``."""
-    logp, _ = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_start, temperature)
+    logp, _ = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_start, temperature,
+                                chunk_size=cfg.logprob_chunk_size)
     loss, metrics = policy_loss(logp, batch.old_logp, batch.advantages, batch.loss_mask, cfg.clip_low,
                                 cfg.clip_high, cfg.agg, max_len)
     metrics["pg_loss"] = loss.detach()
@@ -83,13 +89,15 @@ def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len:
 
 
 @torch.no_grad()
-def frozen_logprobs(model, batch: RLBatch, chunk_size: int, temperature: float) -> Tensor:
+def frozen_logprobs(model, batch: RLBatch, chunk_size: int, temperature: float,
+                    logprob_chunk_size: int | None = DEFAULT_CHUNK_TOKENS) -> Tensor:
     """``[N, T]`` teacher-forced log-probs of the batch's responses under ``model``, no gradient,
-    ``chunk_size`` rows per forward pass; 0 on padding."""
+    ``chunk_size`` rows per forward pass, ``logprob_chunk_size`` scored tokens per LM-head chunk
+    (None: full logits); 0 on padding."""
     parts = []
     for rows in torch.arange(len(batch), device=batch.device).split(max(1, chunk_size)):
         lp, _ = sequence_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], batch.response_start,
-                                  temperature)
+                                  temperature, chunk_size=logprob_chunk_size)
         parts.append(lp)
     logp = torch.cat(parts)
     return torch.where(batch.response_mask, logp, torch.zeros_like(logp))

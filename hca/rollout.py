@@ -23,8 +23,9 @@ without touching them. :class:`HFRolloutEngine` runs any causal LM with a hand-w
 
 Same prompts, params (with a seed) and ``max_batch_size`` give identical outputs (the chunking
 into sub-batches changes the random stream, so a different ``max_batch_size`` does too).
-:func:`sequence_logprobs` recomputes the same log-probs / entropies by teacher forcing in one
-forward pass (with gradients), for RL training.
+:func:`sequence_logprobs` (defined in :mod:`hca.logprobs`, re-exported here) recomputes the same
+log-probs / entropies by teacher forcing (with gradients, without a full-vocabulary fp32 logits
+tensor), for RL training.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 
 from hca.credit import token_entropy
+from hca.logprobs import sequence_logprobs  # noqa: F401  (re-export: the training-side log-probs live there)
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -150,40 +152,6 @@ def _find_config(model):
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-
-
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      response_start: int | torch.Tensor, temperature: float = 1.0
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced per-token log-probs of the response tokens, in one forward pass.
-
-    ``input_ids`` / ``attention_mask`` [N, L] (padding anywhere, typically left for prompts and
-    right for responses); the response of row ``i`` starts at column ``response_start`` (an int or
-    [N] long). Returns ``logprobs`` [N, T] (with gradients) and ``entropy`` [N, T] (no gradient),
-    ``T = L - min(response_start)``: column ``j`` of row ``i`` scores token ``response_start[i] + j``
-    under ``log_softmax(logits / temperature)``; columns past ``L`` are 0. Mask padding yourself.
-    """
-    N, L = input_ids.shape
-    starts = torch.as_tensor(response_start, device=input_ids.device).long().expand(N)
-    s0 = int(starts.min())
-    if not 1 <= s0 <= L:
-        raise ValueError(f"response_start must be in [1, {L}], got min {s0}")
-    T = L - s0
-    kw = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": _positions(attention_mask)}
-    _, keep = _forward_kwargs(model)
-    if keep:
-        kw["logits_to_keep"] = T + 1
-    logits = model(**kw).logits[:, -(T + 1):-1]  # [N, T, V]: predicts tokens s0 .. L-1
-    col = (starts - s0)[:, None] + torch.arange(T, device=input_ids.device)  # [N, T] logits column
-    valid = col < T
-    col = col.clamp(max=max(T - 1, 0))
-    if bool((starts != s0).any()):  # ragged starts: align each row's response to column 0
-        logits = logits.gather(1, col[..., None].expand(-1, -1, logits.shape[-1]))
-    targets = input_ids.gather(1, (col + s0).clamp(max=L - 1))
-    logp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
-    with torch.no_grad():
-        ent = token_entropy(logits.detach(), temperature=temperature)
-    return logp * valid, ent * valid
 
 
 class HFRolloutEngine:

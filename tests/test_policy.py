@@ -80,7 +80,8 @@ def changed(a, b):
 @pytest.mark.parametrize("credit", [CreditConfig("grpo", 0.0, 0.0), CreditConfig("rloo", 1.0, 1.0)],
                          ids=["grpo", "hca"])
 def test_rl_steps_change_every_weight_and_log(tmp_path, credit):
-    module, dm = make(tmp_path, credit=credit, ppo=PPOConfig(group_size=8, mini_batch_size=8), reference=True,
+    module, dm = make(tmp_path, credit=credit, ppo=PPOConfig(group_size=8, mini_batch_size=8, kl_coef=0.01),
+                      reference=True,  # kl_coef > 0: with kl_coef = 0 the reference is not loaded
                       validation=PolicyEval(n=2, ks=(1, 2), max_new_tokens=6))
     before = initial_weights(module)
     rec = Record()

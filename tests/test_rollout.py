@@ -117,7 +117,7 @@ def test_logprobs_and_entropy_match_teacher_forcing(model, tok):
     m = b.response_mask
     # one teacher-forced pass over the left-padded batch
     ids, attn, start = b.model_inputs()
-    lp, ent = sequence_logprobs(model, ids, attn, start, temperature=T)
+    lp, ent = sequence_logprobs(model, ids, attn, start, temperature=T, with_entropy=True)
     assert lp.shape == m.shape
     assert torch.allclose(lp * m, b.logprobs, atol=1e-4) and torch.allclose(ent * m, b.entropy, atol=1e-4)
     # ragged starts: unpadded prompt + response, right-padded
@@ -126,7 +126,7 @@ def test_logprobs_and_entropy_match_teacher_forcing(model, tok):
     ids2 = torch.tensor([s + [tok.pad_token_id] * (L - len(s)) for s in seqs])
     attn2 = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
     starts = torch.tensor([len(p) for p in b.prompt_ids])
-    lp2, ent2 = sequence_logprobs(model, ids2, attn2, starts, temperature=T)
+    lp2, ent2 = sequence_logprobs(model, ids2, attn2, starts, temperature=T, with_entropy=True)
     assert torch.allclose(lp2[:, : m.shape[1]] * m, b.logprobs, atol=1e-4)
     # plain full forward, one sample at a time, no padding at all
     for i, s in enumerate(seqs):
@@ -139,12 +139,12 @@ def test_logprobs_and_entropy_match_teacher_forcing(model, tok):
 
 def test_sequence_logprobs_gradients_and_wrapped_model(model, tok):
     ids = torch.tensor(tok(["Q:1+2\n12", "Q:3*4\n9+"])["input_ids"])
-    lp, ent = sequence_logprobs(model, ids, torch.ones_like(ids), 7)
+    lp, ent = sequence_logprobs(model, ids, torch.ones_like(ids), 7, with_entropy=True)
     assert lp.shape == ent.shape == (2, ids.shape[1] - 7) and lp.requires_grad and not ent.requires_grad
     lp.sum().backward()
     assert model.lm_head.weight.grad is not None
     model.zero_grad(set_to_none=True)
-    lp2, ent2 = sequence_logprobs(Forced(model), ids, torch.ones_like(ids), 7)  # no logits_to_keep: full logits
+    lp2, ent2 = sequence_logprobs(Forced(model), ids, torch.ones_like(ids), 7, with_entropy=True)  # plain path
     assert torch.allclose(lp, lp2, atol=1e-6) and torch.allclose(ent, ent2, atol=1e-6)
 
 

@@ -1,0 +1,218 @@
+"""Teacher-forced log-probs of sampled tokens for RL training, without a full-vocabulary logits tensor.
+
+:func:`sequence_logprobs` scores the response tokens of a batch under ``log_softmax(logits / T)``
+(T: the sampling temperature), with gradients, as PPO's ratio and the KL term need. Two paths give
+the same numbers (tested to 1e-5, gradients too):
+
+* **lean** (``chunk_size`` an int, the default, for the causal LMs of :data:`LEAN_MODEL_TYPES`):
+  the decoder body runs once (``model.get_decoder()``, i.e. ``model.model``) to hidden states
+  ``[N, L, H]``; the hidden states that predict a response token that is not padding are gathered
+  to ``[M, H]`` (``M`` = scored tokens) and the LM head (``model.get_output_embeddings()``) is
+  applied ``chunk_size`` tokens at a time. Each chunk's ``lm_head -> fp32 -> log_softmax[target]``
+  (:class:`_TargetLogSoftmax`) runs under ``torch.utils.checkpoint`` (non-reentrant) when gradients
+  are on: its ``[chunk, V]`` intermediates are freed after the forward and recomputed in the
+  backward, so the peak is about two ``[chunk, V]`` fp32 tensors (plus a bf16 one for bf16 models),
+  not ``[N, T, V]``; the price is one more LM-head forward per chunk in the backward. One autograd
+  graph throughout (no nested backward), so a weight used twice -- tied embeddings, or the head in
+  every chunk -- gets its gradient accumulated once, as DeepSpeed ZeRO-2's reduction hooks require.
+  Without gradients (reference / behaviour log-probs) chunks are just looped.
+* **plain** (``chunk_size=None``, or any model the lean path does not recognise): one full forward
+  ``model(...).logits`` (``logits_to_keep = T + 1`` when accepted), fp32 ``log_softmax`` over
+  ``[N, T, V]``. Works for any callable that returns an object with ``.logits``.
+
+Where the lean path departs from calling the HF model: no logits tensor exists, so nothing that
+hooks or post-processes ``.logits`` runs. That is why it is limited to model types whose causal-LM
+forward is exactly ``lm_head(decoder(...).last_hidden_state)`` (checked in transformers 5.24) and
+whose ``forward`` is the library's own (a subclass overriding ``forward`` gets the plain path, as do
+Gemma 2's ``final_logit_softcapping``, Cohere's ``logit_scale`` and Granite's ``logits_scaling``, whose
+types are not listed). Submodules are *called*, never their ``.weight`` read, so LoRA layers
+(peft, also on ``lm_head``) and DeepSpeed ZeRO-3's parameter-gathering hooks act as in the full
+forward; tied embeddings need nothing special (the head module is the embedding's weight).
+A ``PeftModel`` is unwrapped to its base model (prompt-learning adapters get the plain path), a
+``DeepSpeedEngine`` to its ``.module`` (the engine's own ``forward`` is bypassed; its ZeRO-3 hooks
+live on the submodules); other wrappers (e.g. DDP) get the plain path.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from hca.credit import token_entropy
+
+LEAN_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+"""HF ``model_type`` s whose ``*ForCausalLM.forward`` computes exactly ``lm_head(hidden_states)``."""
+
+DEFAULT_CHUNK_TOKENS = 512
+"""Scored tokens per LM-head chunk by default (docs/rl.md: the measurement behind it)."""
+
+
+def _positions(attention_mask: Tensor) -> Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def _params(fn) -> dict:
+    try:
+        return dict(inspect.signature(getattr(fn, "forward", fn)).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _unwrap(model):
+    """The HF model inside a ``PeftModel`` / ``DeepSpeedEngine``; None for prompt-learning adapters."""
+    for _ in range(4):
+        if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # peft.PeftModel
+            cfg = getattr(model, "active_peft_config", None)
+            if cfg is None or getattr(cfg, "is_prompt_learning", False):
+                return None
+            model = model.get_base_model()
+        elif type(model).__name__ == "DeepSpeedEngine":
+            model = model.module
+        else:
+            return model
+    return model
+
+
+def lean_parts(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """``(decoder, lm_head)`` modules of ``model`` when the lean path computes its log-probs exactly,
+    else None (the plain path is then used)."""
+    m = _unwrap(model)
+    cfg = getattr(m, "config", None)
+    if not isinstance(m, torch.nn.Module) or getattr(cfg, "model_type", None) not in LEAN_MODEL_TYPES:
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or not type(m).__name__.endswith("ForCausalLM"):
+        return None
+    if not getattr(type(m).forward, "__module__", "").startswith("transformers.models."):
+        return None  # a subclass with its own forward may post-process the logits
+    try:
+        decoder, head = m.get_decoder(), m.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    if not isinstance(decoder, torch.nn.Module) or decoder is m or not isinstance(head, torch.nn.Module):
+        return None
+    return decoder, head
+
+
+def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response_start: int | Tensor,
+                      temperature: float = 1.0, *, chunk_size: int | None = DEFAULT_CHUNK_TOKENS,
+                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Teacher-forced per-token log-probs of the response tokens.
+
+    ``input_ids`` / ``attention_mask`` ``[N, L]`` (padding anywhere, typically left for prompts and
+    right for responses); the response of row ``i`` starts at column ``response_start`` (an int or
+    ``[N]`` long). Returns ``logprobs [N, T]`` float32 (with gradients) and ``entropy [N, T]``
+    float32 (no gradient; None unless ``with_entropy``), ``T = L - min(response_start)``: column
+    ``j`` of row ``i`` scores token ``response_start[i] + j`` under ``log_softmax(logits /
+    temperature)``; it is 0 where that column is past ``L`` or the token is padding
+    (``attention_mask`` 0). ``chunk_size``: scored tokens per LM-head chunk of the lean path;
+    None: the plain full-logits path (see the module docstring).
+    """
+    N, L = input_ids.shape
+    starts = torch.as_tensor(response_start, device=input_ids.device).long().expand(N)
+    s0 = int(starts.min())
+    if not 1 <= s0 <= L:
+        raise ValueError(f"response_start must be in [1, {L}], got min {s0}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
+    T = L - s0
+    pos = starts[:, None] + torch.arange(T, device=input_ids.device)  # [N, T] column of the scored token
+    valid = (pos < L) & attention_mask.gather(1, pos.clamp(max=L - 1)).bool()  # [N, T]
+    parts = lean_parts(model) if chunk_size is not None else None
+    if parts is None:
+        return _plain(model, input_ids, attention_mask, pos, valid, s0, temperature, with_entropy)
+    return _lean(*parts, input_ids, attention_mask, pos, valid, temperature, chunk_size, with_entropy)
+
+
+def _plain(model, input_ids, attention_mask, pos, valid, s0, temperature, with_entropy):
+    """One forward with full logits ``[N, T, V]`` (the reference implementation)."""
+    N, L = input_ids.shape
+    T = pos.shape[1]
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": _positions(attention_mask)}
+    params = _params(model)
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = T + 1
+    if "use_cache" in params:
+        kw["use_cache"] = False
+    logits = model(**kw).logits[:, -(T + 1):-1]  # [N, T, V]: predicts tokens s0 .. L-1
+    col = (pos - s0).clamp(max=max(T - 1, 0))  # [N, T] logits column of each scored token
+    if bool((col != torch.arange(T, device=col.device)).any()):  # ragged starts: align each row's response
+        logits = logits.gather(1, col[..., None].expand(-1, -1, logits.shape[-1]))
+    targets = input_ids.gather(1, pos.clamp(max=L - 1))
+    logp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+    zero = torch.zeros((), device=logp.device)
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            ent = torch.where(valid, token_entropy(logits.detach(), temperature=temperature), zero)
+    return torch.where(valid, logp, zero), ent
+
+
+class _TargetLogSoftmax(torch.autograd.Function):
+    """``log_softmax(z / temperature)[targets]`` for fp32 logits ``z [c, V]``, ``targets [c]`` -> ``[c]``.
+
+    Same value as ``torch.log_softmax(z / t, -1).gather(...)`` (up to rounding), but lighter: the
+    forward needs one ``[c, V]`` temporary beside ``z`` and keeps only ``z`` (which the chunk's
+    checkpoint frees and recomputes anyway); the backward writes ``g * (onehot - softmax) / t`` into
+    one new ``[c, V]`` tensor. Autograd's ``/ t -> log_softmax -> gather`` keeps the ``[c, V]``
+    output and allocates two more in its backward (the scatter of ``gather`` and ``log_softmax``'s).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        m = z.amax(-1, keepdim=True)  # [c, 1]
+        e = z - m  # the one [c, V] temporary
+        if temperature != 1.0:
+            e.div_(temperature)
+        log_s = e.exp_().sum(-1, keepdim=True).log_()  # [c, 1]: log sum exp((z - m) / t)
+        ctx.temperature = temperature
+        ctx.save_for_backward(z, targets, m, log_s)
+        return ((z.gather(-1, targets[:, None]) - m) / temperature - log_s).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, targets, m, log_s = ctx.saved_tensors
+        t = ctx.temperature
+        p = z - m  # [c, V] -> softmax(z / t) in place
+        if t != 1.0:
+            p.div_(t)
+        grad = p.sub_(log_s).exp_().mul_(-g[:, None])
+        grad.scatter_add_(-1, targets[:, None], g[:, None])
+        if t != 1.0:
+            grad.div_(t)
+        return grad, None, None
+
+
+def _head_logp(head, h: Tensor, targets: Tensor, temperature: float, ent_box: list | None) -> Tensor:
+    """``[c, H]`` hidden states, ``[c]`` targets -> ``[c]`` fp32 log-probs; on its first call
+    (not the backward's recompute) appends the ``[c]`` entropies to ``ent_box``."""
+    z = head(h).float()  # [c, V]
+    if ent_box is not None and not ent_box:
+        with torch.no_grad():
+            ent_box.append(token_entropy(z.detach(), temperature=temperature))
+    return _TargetLogSoftmax.apply(z, targets, temperature)
+
+
+def _lean(decoder, head, input_ids, attention_mask, pos, valid, temperature, chunk_size, with_entropy):
+    """Decoder once, then the LM head over the ``M`` scored tokens, ``chunk_size`` at a time."""
+    N, T = pos.shape
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": _positions(attention_mask)}
+    if "use_cache" in _params(decoder):
+        kw["use_cache"] = False
+    hidden = decoder(**kw).last_hidden_state  # [N, L, H]
+    rows, cols = valid.nonzero(as_tuple=True)  # [M] each (one host sync)
+    tpos = pos[rows, cols]
+    h = hidden[rows, tpos - 1]  # [M, H]: the hidden state that predicts each scored token
+    targets = input_ids[rows, tpos]  # [M]
+    grad = torch.is_grad_enabled()
+    lps, ents = [], []
+    for a in range(0, max(len(rows), 1), chunk_size):  # one (maybe empty) chunk when M = 0: keeps the graph
+        box = [] if with_entropy else None
+        args = (head, h[a:a + chunk_size], targets[a:a + chunk_size], temperature, box)
+        lps.append(checkpoint(_head_logp, *args, use_reentrant=False) if grad else _head_logp(*args))
+        ents += box or []
+    flat = torch.cat(lps)  # [M] fp32
+    logp = flat.new_zeros((N, T)).index_put((rows, cols), flat)
+    ent = torch.zeros((N, T), device=flat.device).index_put((rows, cols), torch.cat(ents)) if with_entropy else None
+    return logp, ent
