@@ -71,3 +71,31 @@ def test_rl_problem_loader_takes_the_trainers_rank(tmp_path):
     dm.setup("fit")
     with pytest.raises(ValueError, match="per rank"):
         dm.train_dataloader()
+
+
+def _as_lightning_draws(loader, epochs):
+    """What Lightning's fit loop does: ``len(loader)`` batches per epoch from a fresh iterator, which
+    it then leaves without exhausting (the code after the loader's last yield never runs)."""
+    out = []
+    for _ in range(epochs):
+        it = iter(loader)
+        out.append([next(it).tolist() for _ in range(len(loader))])
+    return out
+
+
+def test_epochs_advance_when_lightning_leaves_the_iterator():
+    from hca.datamodules.bucketing import BucketLoader
+
+    for make in (lambda: ResumableLoader(list(range(12)), batch_size=3, seed=1, drop_last=True),
+                 lambda: BucketLoader(list(range(12)), lengths=[1 + i % 5 for i in range(12)], batch_size=3,
+                                      pool_batches=2, seed=1, collate_fn=torch.tensor)):
+        left, exhausted = _as_lightning_draws(make(), 3), [batches(loader) for loader in [make()] for _ in range(3)]
+        assert left == exhausted  # leaving or exhausting a pass gives the same epochs
+        assert left[0] != left[1] != left[2]
+        assert all(sorted(sum(e, [])) == list(range(12)) for e in left)
+        # a checkpoint taken after epoch 0 ended (state saved before the next pass starts) resumes at epoch 1
+        loader = make()
+        _as_lightning_draws(loader, 1)
+        resumed = make()
+        resumed.load_state_dict(loader.state_dict())
+        assert _as_lightning_draws(resumed, 2) == left[1:]

@@ -35,6 +35,13 @@ Truncation to ``max_length`` tokens
     kept step, and ``h_K`` (the outcome label) is kept only if no step was dropped. If even the
     prompt is longer than ``max_length``, the prompt is left-truncated to its last ``max_length``
     tokens and only ``h_0`` is kept. Counted in :attr:`TrajectoryDataModule.stats`.
+
+Several ranks (:mod:`hca.datamodules.bucketing`)
+    Training: rank ``r`` of ``W`` takes batches ``r, r + W, ...`` of each epoch's bucketed batch
+    list (run with ``trainer.use_distributed_sampler: false``; resume on as many ranks).
+    Validation: the fixed batches of :meth:`TrajectoryDataModule.val_batches` (those of one
+    process) are dealt out whole, every response exactly once; a rank short of a batch runs a
+    flagged copy (``PRMBatch.padding``) whose results the module discards.
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from hca.datamodules.bucketing import BucketLoader
+from hca.datamodules.bucketing import BucketLoader, eval_loader, rank_and_world
 from hca.problems import Problem, load_problems
 from hca.steps import align_prompt_response
 from hca.trajectories import Trajectory, read_dataset
@@ -83,6 +90,7 @@ class PRMBatch:
     step_correct: torch.Tensor  # [B, J] long, ground truth of the step ending at h_j (1/0; -1 unknown, h_0, padding)
     outcome: torch.Tensor  # [B] float, R of each response
     problem_index: torch.Tensor  # [B] long, index of the response's problem in its split
+    padding: bool = False  # a stand-in batch that only keeps ranks in step (validation): discard its results
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -127,7 +135,7 @@ def encode_trajectory(tokenizer, t: Trajectory, max_length: int, problem_index: 
         problem_index=problem_index, response_index=t.response_index, truncated_steps=K + 1 - J)
 
 
-def collate_examples(batch: list[PRMExample], pad_id: int) -> PRMBatch:
+def collate_examples(batch: list[PRMExample], pad_id: int, padding: bool = False) -> PRMBatch:
     B, T, J = len(batch), max(len(e.input_ids) for e in batch), max(len(e.positions) for e in batch)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
@@ -149,7 +157,7 @@ def collate_examples(batch: list[PRMExample], pad_id: int) -> PRMBatch:
         step_correct[i, :j] = torch.tensor(e.step_correct)
     return PRMBatch(input_ids, attention_mask, positions, targets, rollouts, boundary_mask, label_mask, is_final,
                     step_correct, torch.tensor([float(e.outcome) for e in batch]),
-                    torch.tensor([e.problem_index for e in batch], dtype=torch.long))
+                    torch.tensor([e.problem_index for e in batch], dtype=torch.long), padding)
 
 
 class TrajectoryDataModule(L.LightningDataModule):
@@ -251,13 +259,27 @@ class TrajectoryDataModule(L.LightningDataModule):
     def collate(self, batch: list[PRMExample]) -> PRMBatch:
         return collate_examples(batch, self.tokenizer.pad_token_id)
 
+    def collate_val(self, item: tuple[list[PRMExample], bool]) -> PRMBatch:
+        return collate_examples(item[0], self.tokenizer.pad_token_id, padding=item[1])
+
     def train_dataloader(self) -> DataLoader:
         hp, ex = self.hparams, self.examples("train")
+        rank, world = rank_and_world(self.trainer)
         return BucketLoader(ex, [len(e.input_ids) for e in ex], hp.batch_size, hp.pool_batches, hp.seed,
-                            collate_fn=self.collate, num_workers=hp.num_workers)
+                            rank=rank, world_size=world, collate_fn=self.collate, num_workers=hp.num_workers)
+
+    def val_batches(self) -> list[list[PRMExample]]:
+        """The fixed validation batches: examples sorted by length (stable; little padding), cut into
+        ``val_batch_size``; the same on any number of ranks."""
+        ex = sorted(self.examples("val"), key=lambda e: len(e.input_ids))
+        size = self.hparams.val_batch_size or self.hparams.batch_size
+        return [ex[a:a + size] for a in range(0, len(ex), size)]
 
     def val_dataloader(self) -> DataLoader:
-        ex = sorted(self.examples("val"), key=lambda e: len(e.input_ids))  # deterministic, little padding
-        return DataLoader(ex, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
-                          collate_fn=self.collate, num_workers=self.hparams.num_workers)
+        """This rank's validation batches (``r, r + W, ...`` of :meth:`val_batches`), padded with a
+        copy of batch 0 flagged ``padding`` so that every rank runs as many forward passes (ZeRO-3)."""
+        rank, world = rank_and_world(self.trainer, own_sharding=False)
+        batches = self.val_batches()
+        pad = (batches[0], True) if batches and world > 1 else None
+        return eval_loader([(b, False) for b in batches], rank, world, pad, self.collate_val, self.hparams.num_workers)
 
