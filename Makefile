@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test test-all setup sft clean-runs
+.PHONY: quickstart recipe-tiny test test-all setup sft clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) and installing hca (torch $(TORCH_VERSION) first)"
@@ -30,6 +30,10 @@ setup: $(VENV)/.installed
 # The main job: SFT (policy, prover) -> collection -> PRM -> RL (GRPO, HCA) -> evaluation -> report (docs/quickstart.md).
 quickstart: setup
 	$(PY) -m hca.pipeline
+
+# The GSM8K recipe (collection -> PRM -> RL -> evaluation) on tiny real-format models built here (docs/recipes.md).
+recipe-tiny: setup
+	$(PY) -m hca.pipeline --recipe gsm8k --tiny
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

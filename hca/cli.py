@@ -7,6 +7,9 @@ import os
 def main(args=None, run: bool = True):
     os.environ.setdefault("WANDB_MODE", "offline")  # never send anything unless asked to
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from hca.console import quiet_console
+
+    quiet_console()
     import sys
     from unittest import mock
 

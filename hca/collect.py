@@ -106,6 +106,7 @@ class ChunkStats:
     """Counters of one or more chunks (added with ``+``)."""
 
     problems: int = 0  # problems labeled
+    prompts_skipped: int = 0  # problems dropped for a prompt longer than the context (prompt.long_prompts: skip)
     responses: int = 0  # policy responses (N per problem)
     correct: int = 0  # responses with outcome 1
     truncated: int = 0  # responses cut at max_new_tokens

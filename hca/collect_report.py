@@ -99,6 +99,9 @@ def format_summary(s: dict, stats: ChunkStats | None, run_stats: ChunkStats | No
                      f"{st.prefixes_deduped}, skipped by first pit {st.prefixes_skipped_first_pit}); prover "
                      f"generations {st.prover_generations}; tokens policy {st.policy_tokens} prover {st.prover_tokens}; "
                      f"{st.seconds:.1f} s in label_chunk ({rate} labeled prefixes/s)")
+        if st.prompts_skipped:
+            lines.append(f"{name}: {st.prompts_skipped} problems skipped: prompt longer than the context "
+                         "(prompt.long_prompts: skip)")
     lines.append("progress P_k over all labeled steps:")
     lines.append(text_histogram(progress_values(records), -1.0, 1.0, bins=10))
     lines.append("V̂(h_0) over problems:")

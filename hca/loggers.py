@@ -60,8 +60,13 @@ class OptionalWandbLogger(Logger):
             self._inner.log_metrics(metrics, step)
 
     def finalize(self, status: str) -> None:
+        """Finish the wandb run at the end of a stage: the next stage in the same process (a recipe,
+        a notebook) then starts its own run instead of logging into this one."""
         if self._inner:
             self._inner.finalize(status)
+            run = getattr(self._inner, "_experiment", None)
+            if run is not None and callable(getattr(run, "finish", None)):
+                run.finish()
 
     def after_save_checkpoint(self, checkpoint_callback) -> None:
         if self._inner:

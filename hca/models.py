@@ -77,13 +77,26 @@ def _tiny_kwargs(spec: str) -> dict[str, Any]:
     return kw
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    """Whether a local model folder holds a saved tokenizer (any of :data:`TOKENIZER_FILES`)."""
+    return any((Path(folder) / name).exists() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(name_or_path: str):
     """Tokenizer for a hub name or local path, or the embedded character tokenizer for ``tiny-llama``.
-    Padding is always on the left (generation needs it)."""
+    Padding is always on the left (generation needs it). A local folder without tokenizer files is
+    an error naming it (transformers' own message would be about the hub)."""
     if is_tiny_spec(name_or_path):
         return char_tokenizer()
     from transformers import AutoTokenizer
 
+    if Path(name_or_path).is_dir() and not has_tokenizer_files(name_or_path):
+        raise FileNotFoundError(f"{name_or_path}: the model folder has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); "
+                                "save one there with tokenizer.save_pretrained(folder), or name a tokenizer folder "
+                                "in the stage's tokenizer setting")
     tok = AutoTokenizer.from_pretrained(name_or_path)
     tok.padding_side = "left"
     if tok.pad_token is None:

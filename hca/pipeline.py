@@ -4,6 +4,8 @@ was killed midway.
 
     python -m hca.pipeline                 # what `make quickstart` runs
     python -m hca.pipeline --only sft-policy --force
+    python -m hca.pipeline --recipe gsm8k --policy PATH --prover PATH --prm-backbone PATH   # real models (hca.recipes)
+    python -m hca.pipeline --recipe gsm8k --tiny                                            # tiny real-format models, CPU
 
 From a notebook::
 
@@ -312,14 +314,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plan-args", default="{}", help="JSON keyword arguments of the plan function")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: torch's default)")
     ap.add_argument("--max-parallel", type=int, default=None, help="runs side by side (default: the CPUs available)")
+    ap.add_argument("--recipe", choices=("gsm8k", "math"), help="a real-data recipe (hca.recipes) instead of the quickstart")
+    ap.add_argument("--policy", help="recipe: the policy's local model folder (a chat model)")
+    ap.add_argument("--prover", help="recipe: the prover's local model folder")
+    ap.add_argument("--prm-backbone", help="recipe: the PRM backbone's local model folder (its own tokenizer)")
+    ap.add_argument("--out", help="recipe: output folder (default runs/<recipe>)")
+    ap.add_argument("--scale", choices=("full", "tiny"), default="full", help="recipe: the YAML sizes, or CPU smoke sizes")
+    ap.add_argument("--tiny", action="store_true", help="recipe: build and use tiny real-format models (hca.tiny_models)")
     a = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
+    from hca.console import quiet_console
+
+    quiet_console()
     if a.threads:
         import torch
 
         torch.set_num_threads(a.threads)
-    plan_args = json.loads(a.plan_args)
-    run_stages(load_plan(a.plan, plan_args), a.only, a.force, a.plan, plan_args, max_parallel=a.max_parallel)
+    plan, plan_args, log_dir = a.plan, json.loads(a.plan_args), "runs/quickstart/logs"
+    if a.recipe:
+        plan = "hca.recipes:recipe_stages"
+        plan_args = {"recipe": a.recipe, "policy": a.policy, "prover": a.prover, "prm_backbone": a.prm_backbone,
+                     "out": a.out, "scale": a.scale, "tiny": a.tiny}
+        log_dir = f"{a.out or 'runs/' + a.recipe}/logs"
+    try:
+        stages = load_plan(plan, plan_args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    run_stages(stages, a.only, a.force, plan, plan_args, log_dir=log_dir, max_parallel=a.max_parallel)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,11 @@ class PRMScorer:
         return self._load().tokenizer
 
     @property
+    def prompt_format(self) -> dict | None:
+        """The prompt format of the collection the PRM was trained on (:mod:`hca.prompts`); None if not recorded."""
+        return self._load().config.get("prompt_format")
+
+    @property
     def max_length(self) -> int:
         if self._max_length is not None:
             return self._max_length

@@ -7,7 +7,10 @@ Every task's problems share one JSONL format, one object per line::
 
 ``id``, ``prompt``, ``answer`` are required; ``task`` defaults to the loader's; ``solution`` (a gold
 worked solution, used by SFT) and ``meta`` are optional. Native GSM8K (``question``/``answer`` with
-``#### N``) and MATH-500 (``problem``/``answer``) lines are read too, through a prompt template.
+``#### N``) and MATH-500 (``problem``/``answer``) lines are read too: they keep their ``question``,
+and their prompt is rendered by the stage that owns the tokenizer (:mod:`hca.prompts`; until then it
+is the plain default format). An ``answer`` that is empty, or a GSM8K answer with nothing after
+``####``, is a malformed line.
 """
 from __future__ import annotations
 
@@ -29,9 +32,13 @@ class Problem:
     task: str = "arithmetic"  # verifier name: "arithmetic" | "gsm8k" | "math"
     solution: str | None = None  # a gold worked solution, steps separated by the task's delimiter
     meta: dict = field(default_factory=dict, compare=False)  # free-form extras
+    question: str | None = None  # native lines: the raw question the prompt is rendered from (hca.prompts)
+    source: str = field(default="", compare=False)  # "file:line" it was read from ("" when built in code)
 
     def to_record(self) -> dict:
         rec = {"id": self.id, "prompt": self.prompt, "answer": self.answer, "task": self.task}
+        if self.question is not None:
+            rec["question"] = self.question
         if self.solution is not None:
             rec["solution"] = self.solution
         if self.meta:
@@ -39,36 +46,46 @@ class Problem:
         return rec
 
 
-DEFAULT_TEMPLATES = {
-    "gsm8k": "Question: {question}\nAnswer: Let's think step by step.\n",
-    "math": "Problem: {question}\nSolve step by step, separating steps by a blank line, and put the final answer in \\boxed{{}}.\n",
-}
+class _Malformed(Exception):
+    """A line's content is wrong (the message says how)."""
 
 
-def _from_obj(obj: dict, task: str, template: str | None, lineno: int) -> Problem:
+def _answer_of(obj: dict) -> str:
+    if "answer" not in obj or obj["answer"] is None:
+        raise KeyError("answer")
+    answer = str(obj["answer"])
+    if not answer.strip():
+        raise _Malformed("empty answer")
+    return answer
+
+
+def _from_obj(obj: dict, task: str, lineno: int, source: str) -> Problem:
     if not isinstance(obj, dict):
         raise KeyError("a JSON object")
     if "prompt" in obj:
-        if "answer" not in obj:
-            raise KeyError("answer")
+        answer = _answer_of(obj)
         pid = obj.get("id", obj.get("unique_id", f"line-{lineno}"))
-        return Problem(id=str(pid), prompt=str(obj["prompt"]), answer=str(obj["answer"]), task=str(obj.get("task", task)),
-                       solution=obj.get("solution"), meta=obj.get("meta") or {})
+        return Problem(id=str(pid), prompt=str(obj["prompt"]), answer=answer, task=str(obj.get("task", task)),
+                       solution=obj.get("solution"), meta=obj.get("meta") or {}, question=obj.get("question"),
+                       source=source)
     question = obj.get("question", obj.get("problem"))
     if question is None:
         raise KeyError("prompt (or question/problem)")
-    if "answer" not in obj:
-        raise KeyError("answer")
-    answer, solution = str(obj["answer"]), obj.get("solution")
+    answer, solution = _answer_of(obj), obj.get("solution")
     if "####" in answer:  # GSM8K: worked solution, then "#### N"
         solution, answer = answer.rsplit("####", 1)[0].rstrip(), answer.rsplit("####", 1)[1].strip()
-    tmpl = template or DEFAULT_TEMPLATES.get(task, "{question}\n")
+        if not answer:
+            raise _Malformed("nothing after '####' in answer (GSM8K lines end with '#### <final answer>')")
+    from hca.prompts import DEFAULT_INSTRUCTION, DEFAULT_PLAIN_TEMPLATE
+
     pid = obj.get("id", obj.get("unique_id", f"{task}-{lineno}"))
-    return Problem(id=str(pid), prompt=tmpl.format(question=question), answer=answer, task=task, solution=solution)
+    prompt = DEFAULT_PLAIN_TEMPLATE.format(question=question, instruction=DEFAULT_INSTRUCTION)
+    return Problem(id=str(pid), prompt=prompt, answer=answer, task=str(obj.get("task", task)), solution=solution,
+                   meta=obj.get("meta") or {}, question=str(question), source=source)
 
 
-def load_problems(path: str | os.PathLike, task: str = "arithmetic", template: str | None = None,
-                  skip_malformed: bool = False, limit: int | None = None) -> tuple[list[Problem], int]:
+def load_problems(path: str | os.PathLike, task: str = "arithmetic", skip_malformed: bool = False,
+                  limit: int | None = None) -> tuple[list[Problem], int]:
     """Read a JSONL problem file. Returns ``(problems, n_skipped)``.
 
     A malformed line (bad JSON, not an object, a missing required field) raises
@@ -85,11 +102,13 @@ def load_problems(path: str | os.PathLike, task: str = "arithmetic", template: s
             if not line.strip():
                 continue
             try:
-                p = _from_obj(json.loads(line), task, template, lineno)
+                p = _from_obj(json.loads(line), task, lineno, f"{path}:{lineno}")
             except json.JSONDecodeError as e:
                 err = f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
             except KeyError as e:
                 err = f"{path}:{lineno}: missing field {e.args[0]}"
+            except _Malformed as e:
+                err = f"{path}:{lineno}: {e}"
             else:
                 if p.id in seen:
                     raise ProblemFileError(f"{path}:{lineno}: duplicate id {p.id!r} (first on line {seen[p.id]})")

@@ -8,9 +8,10 @@ the earliest wrong step, ``-1`` when every step is right).
 
 Evaluation of a PRM (:func:`evaluate_prm`): the response is the steps joined with ``"\\n\\n"``; the
 steps are scored exactly as given (as character spans, each non-last step including its
-``"\\n\\n"``, even when a step itself contains a blank line), the prompt is the problem in a
-template (default: the gsm8k template of :data:`hca.problems.DEFAULT_TEMPLATES` for the gsm8k
-split, the math one otherwise). The predicted earliest error is the first step ``k`` whose value
+``"\\n\\n"``, even when a step itself contains a blank line), the prompt is the problem in the
+format the PRM was trained on (the export's ``prompt_format``: its placeholder question replaced,
+:func:`hca.prompts.render_like`), or in ``template`` when given, or in the plain default format
+when the export records none. The predicted earliest error is the first step ``k`` whose value
 ``f(h_{k+1}) < threshold`` (``-1`` if none). The score is ProcessBench's F1: the harmonic mean of
 the accuracy on erroneous samples (predicted index == label) and on correct samples (predicted
 ``-1``) (:func:`hca.prm_metrics.f1_from_counts`).
@@ -97,11 +98,14 @@ def evaluate_prm(scorer, split: str, threshold: float = 0.5, limit: int | None =
                  root: str | os.PathLike | None = None) -> dict:
     """ProcessBench F1 of a :class:`hca.prm_scorer.PRMScorer` on one split (module docstring)."""
     from hca.prm_metrics import f1_from_counts, first_error_counts
-    from hca.problems import DEFAULT_TEMPLATES
+    from hca.prompts import render_like
 
     items = load_processbench(split, root)[:limit]
-    tmpl = template or DEFAULT_TEMPLATES["gsm8k" if split == "gsm8k" else "math"]
-    prompts = [tmpl.format(question=it.problem) for it in items]
+    if template is not None:
+        prompts = [template.format(question=it.problem) for it in items]
+    else:
+        fmt = getattr(scorer, "prompt_format", None)
+        prompts = [render_like(fmt, it.problem) for it in items]
     pairs = [response_and_spans(it.steps) for it in items]
     values = scorer.values_at_spans(prompts, [r for r, _ in pairs], [s for _, s in pairs])
     pred = predicted_errors([v[1:] for v in values], threshold)

@@ -214,6 +214,7 @@ def run(args: argparse.Namespace) -> dict:
     from hca.models import load_causal_lm, load_tokenizer
     from hca.prm_scorer import PRMScorer
     from hca.problems import load_problems
+    from hca.prompts import PromptFormat, check_same_format, context_length, render_problems
     from hca.rollout import HFRolloutEngine
     from hca.verify import is_correct
 
@@ -222,9 +223,14 @@ def run(args: argparse.Namespace) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     problems, _ = load_problems(args.problems, args.task, limit=args.limit)
     tok = load_tokenizer(args.tokenizer or args.policy)
-    engine = HFRolloutEngine(load_causal_lm(args.policy, tokenizer=tok).requires_grad_(False).eval().to(device), tok,
-                             max_batch_size=args.max_batch_size)
+    model = load_causal_lm(args.policy, tokenizer=tok).requires_grad_(False).eval().to(device)
+    engine = HFRolloutEngine(model, tok, max_batch_size=args.max_batch_size)
     scorer = PRMScorer(args.prm, device=device, batch_size=args.batch_size)
+    fmt = PromptFormat(**({"instruction": args.instruction} if args.instruction is not None else {}))
+    if not args.allow_prompt_format_mismatch:
+        check_same_format(fmt.describe(tok), scorer.prompt_format, f"the PRM at {args.prm!r}",
+                          "--allow-prompt-format-mismatch")
+    problems, _ = render_problems(problems, fmt, tok, context_length(model))
     ns = sorted(set(args.n))
     correct, answers, scores, first_error = sample_and_score(engine, scorer, problems, max(ns), args.max_new_tokens,
                                                 args.temperature, args.delimiter, args.seed)
@@ -272,6 +278,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=128, help="PRM sequences per forward pass")
     ap.add_argument("--max-batch-size", type=int, default=256, help="policy samples per engine sub-batch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--instruction", default=None, help="prompt instruction for native GSM8K/MATH lines (hca.prompts)")
+    ap.add_argument("--allow-prompt-format-mismatch", action="store_true",
+                    help="search with a PRM trained on prompts of another format anyway")
     args = ap.parse_args(argv)
     args.delimiter = args.delimiter.encode().decode("unicode_escape")
     if not args.delimiter:

@@ -314,6 +314,12 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path
     return path
 
 
+def manifest_prompt_format(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The prompt format the collection rendered its prompts with (:meth:`hca.prompts.PromptFormat.describe`),
+    or None for a collection made before formats were recorded."""
+    return ((manifest.get("identity") or {}).get("module") or {}).get("prompt_format")
+
+
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.exists():

@@ -1,5 +1,7 @@
 """Problems cut into fixed chunks for collection (``trainer.predict``), with resume and own sharding.
 
+Prompts are rendered by the collector module, which owns the policy's tokenizer (:mod:`hca.prompts`).
+
 Chunk ``c`` holds problems ``[c * chunk_size, (c + 1) * chunk_size)`` of the file, in file order
 (after ``limit``), so a chunk id means the same problems on any number of ranks. A rank yields the
 chunks with ``chunk_id % world_size == global_rank`` whose shard (``shard-{chunk_id:06d}.jsonl``)
@@ -47,8 +49,7 @@ def pending_chunks(chunks: list[ProblemChunk], out_dir: str, rank: int = 0, worl
 
 class ProblemChunkDataModule(L.LightningDataModule):
     def __init__(self, problems_file: str, out_dir: str, task: str = "arithmetic", chunk_size: int = 16,
-                 limit: int | None = None, skip_malformed: bool = False, template: str | None = None,
-                 arithmetic: ArithmeticData | None = None):
+                 limit: int | None = None, skip_malformed: bool = False, arithmetic: ArithmeticData | None = None):
         """
         Args:
             problems_file: JSONL problem file (see hca/problems.py).
@@ -57,7 +58,6 @@ class ProblemChunkDataModule(L.LightningDataModule):
             chunk_size: problems per chunk (= per shard, per ``label_chunk`` call, per predict batch).
             limit: use only the first ``limit`` problems of the file.
             skip_malformed: skip (and count) malformed lines instead of failing on the first one.
-            template: prompt template for native GSM8K / MATH lines.
             arithmetic: generate the embedded task's problem files first when absent.
         """
         super().__init__()
@@ -80,7 +80,7 @@ class ProblemChunkDataModule(L.LightningDataModule):
         if self.arithmetic is not None:  # every rank needs the files; writing is idempotent
             self.arithmetic.write()
         hp = self.hparams
-        self.problems, self.num_skipped = load_problems(hp.problems_file, hp.task, hp.template, hp.skip_malformed, hp.limit)
+        self.problems, self.num_skipped = load_problems(hp.problems_file, hp.task, hp.skip_malformed, hp.limit)
         self.chunks = make_chunks(self.problems, hp.chunk_size)
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -91,7 +91,7 @@ class ProblemChunkDataModule(L.LightningDataModule):
         hp = self.hparams
         return {"problems_file": str(hp.problems_file), "problems_sha256": file_sha256(hp.problems_file),
                 "task": hp.task, "chunk_size": hp.chunk_size, "limit": hp.limit, "skip_malformed": hp.skip_malformed,
-                "template": hp.template, "num_problems": len(self.problems), "num_chunks": len(self.chunks),
+                "num_problems": len(self.problems), "num_chunks": len(self.chunks),
                 "num_malformed_skipped": self.num_skipped}
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):

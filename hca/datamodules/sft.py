@@ -4,6 +4,12 @@ see them at sampling time.
 A sequence is ``tokenizer(prompt)`` (with the tokenizer's special tokens, exactly what the rollout
 engine feeds the model) followed by ``tokenizer(solution, add_special_tokens=False) + [eos]``;
 the loss is on the response tokens only (prompt labels are ``-100``). Batches are right-padded.
+
+Prompts of native GSM8K / MATH lines are rendered with ``prompt`` (:class:`hca.prompts.PromptFormat`),
+the same setting collection and RL use. ``solution_format: steps`` rewrites a GSM8K worked solution
+into the step format the default instruction asks for (:func:`step_solution`): one step per line of
+the solution, calculator annotations ``<<a*b=c>>`` removed, steps joined by ``delimiter``, and a
+last step ``The final answer is \\boxed{N}.``.
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ from torch.utils.data import DataLoader
 
 from hca.datamodules.resumable import ResumableLoader
 from hca.problems import Problem, load_problems
+from hca.modules.hparams import store_plain_hparams
+from hca.prompts import PromptFormat, render_problems
 from hca.tasks.arithmetic import ArithmeticConfig, ensure_split_files
 
 
@@ -53,17 +61,36 @@ def _careful(p: Problem, path: str) -> Problem:
     return dataclasses.replace(p, solution=STEP_DELIMITER.join(steps))
 
 
+SOLUTION_FORMATS = ("as_is", "steps")
+
+
+def step_solution(solution: str, answer: str, delimiter: str = "\n\n") -> str:
+    """A GSM8K worked solution as steps: its non-empty lines with ``<<...>>`` calculator annotations
+    removed, joined by ``delimiter``, then ``The final answer is \\boxed{answer}.``"""
+    import re
+
+    lines = [re.sub(r"<<[^>]*>>", "", line).strip() for line in solution.splitlines()]
+    return delimiter.join([line for line in lines if line] + [f"The final answer is \\boxed{{{answer}}}."])
+
+
 class SFTDataModule(L.LightningDataModule):
     def __init__(self, tokenizer: str, train_file: str, val_file: str, task: str = "arithmetic",
-                 arithmetic: ArithmeticData | None = None, template: str | None = None, batch_size: int = 64,
+                 arithmetic: ArithmeticData | None = None, prompt: PromptFormat | None = None, batch_size: int = 64,
                  max_length: int = 256, num_val_eval: int = 128, seed: int = 0, num_workers: int = 0,
-                 careful_solutions: bool = False):
+                 careful_solutions: bool = False, solution_format: str = "as_is", delimiter: str = "\n\n",
+                 limit: int | None = None):
         """``careful_solutions`` (arithmetic only): train on the one-operation-per-line solution rebuilt
         from each record's ``meta`` instead of the file's ``solution`` (which mixes in shortcut lines,
         :mod:`hca.tasks.arithmetic`): how the embedded prover is made a more reliable policy than the
-        one it judges, from the same problems."""
+        one it judges, from the same problems. ``prompt``: how native lines become prompts.
+        ``solution_format``: ``as_is`` or ``steps`` (module docstring), steps joined by ``delimiter``.
+        ``limit``: the first ``limit`` problems of each file (None: all)."""
         super().__init__()
         self.save_hyperparameters()
+        if solution_format not in SOLUTION_FORMATS:
+            raise ValueError(f"solution_format must be one of {SOLUTION_FORMATS}, got {solution_format!r}")
+        self.prompt = PromptFormat.coerce(prompt)
+        store_plain_hparams(self, prompt=self.prompt)  # plain types: checkpoints load with weights_only=True
         arithmetic = ArithmeticData.coerce(arithmetic)
         self.arithmetic = arithmetic
         if arithmetic is not None:  # plain types in hparams, so checkpoints load with weights_only=True
@@ -83,9 +110,16 @@ class SFTDataModule(L.LightningDataModule):
             return
         if self.arithmetic is not None:  # every rank needs the files; writing is idempotent
             self.arithmetic.write()
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        self.train_problems, _ = load_problems(self.hparams.train_file, self.hparams.task, self.hparams.template)
-        self.val_problems, _ = load_problems(self.hparams.val_file, self.hparams.task, self.hparams.template)
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer)
+        self.train_problems, _ = load_problems(hp.train_file, hp.task, limit=hp.limit)
+        self.val_problems, _ = load_problems(hp.val_file, hp.task, limit=hp.limit)
+        self.train_problems, _ = render_problems(self.train_problems, self.prompt, self.tokenizer)
+        self.val_problems, _ = render_problems(self.val_problems, self.prompt, self.tokenizer)
+        if hp.solution_format == "steps":
+            self.train_problems, self.val_problems = ([dataclasses.replace(p, solution=step_solution(
+                p.solution, p.answer, hp.delimiter)) if p.solution else p for p in ps]
+                for ps in (self.train_problems, self.val_problems))
         if self.hparams.careful_solutions:
             self.train_problems = [_careful(p, self.hparams.train_file) for p in self.train_problems]
             self.val_problems = [_careful(p, self.hparams.val_file) for p in self.val_problems]

@@ -15,6 +15,8 @@ import torch
 
 from hca.collect import CollectionConfig, label_chunk
 from hca.models import load_causal_lm, load_tokenizer
+from hca.modules.hparams import store_plain_hparams
+from hca.prompts import PromptFormat, context_length, render_problems
 from hca.trajectories import FORMAT_VERSION, model_identity
 
 
@@ -45,7 +47,7 @@ class CollectorModule(L.LightningModule):
     def __init__(self, policy: str, prover: str, policy_tokenizer: str | None = None,
                  prover_tokenizer: str | None = None, dtype: str = "float32",
                  collection: CollectionConfig | None = None, max_batch_size: int = 256, seed: int = 0,
-                 num_threads: int | None = None, progress: bool = True):
+                 num_threads: int | None = None, progress: bool = True, prompt: PromptFormat | None = None):
         """
         Args:
             policy: the policy pi: local HF folder, hub name, or ``tiny-llama[:k=v,...]``.
@@ -58,9 +60,13 @@ class CollectorModule(L.LightningModule):
             seed: collection seed; every chunk's sampling seeds derive from (seed, chunk id).
             num_threads: torch intra-op threads per process (None: leave torch's default).
             progress: show the engines' progress bars inside a chunk (when it spans several sub-batches).
+            prompt: how native problem lines become prompts, with the policy's tokenizer (:mod:`hca.prompts`);
+                the resolved format is written to the manifest (``identity.module.prompt_format``).
         """
         super().__init__()
         self.save_hyperparameters()
+        self.prompt = PromptFormat.coerce(prompt)
+        store_plain_hparams(self, prompt=self.prompt)  # plain types: checkpoints load with weights_only=True
         if isinstance(collection, dict):
             collection = CollectionConfig(**collection)
         self.cfg = collection or CollectionConfig()
@@ -91,10 +97,15 @@ class CollectorModule(L.LightningModule):
         self.model_identities()
         if hp.num_threads:
             torch.set_num_threads(hp.num_threads)
-        self.policy_tok = load_tokenizer(hp.policy_tokenizer or hp.policy)
+        self.policy_tok = self.policy_tokenizer()
         self.prover_tok = load_tokenizer(hp.prover_tokenizer or hp.prover)
         self.policy_model = load_causal_lm(hp.policy, hp.dtype, tokenizer=self.policy_tok).requires_grad_(False).eval()
         self.prover_model = load_causal_lm(hp.prover, hp.dtype, tokenizer=self.prover_tok).requires_grad_(False).eval()
+
+    def policy_tokenizer(self):
+        if getattr(self, "policy_tok", None) is None:
+            self.policy_tok = load_tokenizer(self.hparams.policy_tokenizer or self.hparams.policy)
+        return self.policy_tok
 
     def engines(self):
         """``(policy_engine, prover_engine)`` over the models on their current device."""
@@ -113,7 +124,8 @@ class CollectorModule(L.LightningModule):
         policy_id, prover_id = self.model_identities()
         return {"format": FORMAT_VERSION, "policy": policy_id, "prover": prover_id,
                 "policy_tokenizer": hp.policy_tokenizer, "prover_tokenizer": hp.prover_tokenizer, "dtype": hp.dtype,
-                "collection": self.cfg.to_dict(), "max_batch_size": hp.max_batch_size, "seed": hp.seed}
+                "collection": self.cfg.to_dict(), "max_batch_size": hp.max_batch_size, "seed": hp.seed,
+                "prompt_format": self.prompt.describe(self.policy_tokenizer())}
 
     def on_predict_start(self) -> None:
         self._engines = None  # the models may have moved since the engines were built
@@ -122,8 +134,11 @@ class CollectorModule(L.LightningModule):
         if batch.chunk_id < 0:  # placeholder: this rank has nothing (left) to do
             return batch.chunk_id, [], None
         policy_engine, prover_engine = self.engines()
-        records, stats = label_chunk(batch.problems, policy_engine, prover_engine, self.cfg, self.hparams.seed,
+        limits = [n for n in (context_length(self.policy_model), context_length(self.prover_model)) if n]
+        problems, skipped = render_problems(batch.problems, self.prompt, self.policy_tok, min(limits, default=None))
+        records, stats = label_chunk(problems, policy_engine, prover_engine, self.cfg, self.hparams.seed,
                                      chunk_id=batch.chunk_id, progress=self.hparams.progress)
+        stats.prompts_skipped = len(skipped)
         return batch.chunk_id, records, stats
 
     def forward(self, *args, **kwargs):

@@ -38,11 +38,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from hca.collect import verify_responses
 from hca.collect import derive_seed
+from hca.datamodules.bucketing import gather_objects, global_batch_index
 from hca.modules.hparams import store_plain_hparams
 from hca.lora import LoraSettings, add_lora, merged_copy
 from hca.models import load_causal_lm, load_tokenizer, save_checkpoint
 from hca.ppo import PPOConfig, frozen_logprobs, ppo_loss
 from hca.problems import Problem
+from hca.prompts import PromptFormat, context_length, render_problems
 from hca.rl_batch import CreditConfig, RLBatch, build_rl_batch
 from hca.rl_metrics import batch_metrics
 from hca.rollout import SamplingParams
@@ -91,7 +93,9 @@ class HCAPolicyModule(L.LightningModule):
                  credit: CreditConfig | None = None, ppo: PPOConfig | None = None,
                  sampling: RolloutConfig | None = None, delimiter: str = "\n\n",
                  validation: PolicyEval | None = None, export_dir: str | None = None, seed: int = 0,
-                 lora: LoraSettings | None = None):
+                 lora: LoraSettings | None = None, prompt: PromptFormat | None = None,
+                 allow_prompt_format_mismatch: bool = False, gradient_checkpointing: bool = False,
+                 reference_dtype: str | None = None):
         """
         Args:
             policy: the policy to train: local HF folder, hub name or ``tiny-llama[:k=v,...]``.
@@ -109,15 +113,25 @@ class HCAPolicyModule(L.LightningModule):
             export_dir: where the final HF checkpoint (model + tokenizer) is written when fit ends.
             seed: every sampling seed and mini-batch shuffle derives from (seed, RL step).
             lora: train LoRA adapters only (:mod:`hca.lora`; the export merges them); None: all weights.
+            prompt: how native problem lines become prompts with the policy's tokenizer (:mod:`hca.prompts`);
+                a scorer that records the format it was trained on (a PRM export) must match it.
+            allow_prompt_format_mismatch: score with a PRM trained on another prompt format anyway.
+            gradient_checkpointing: recompute the policy's decoder layers in the backward (HF
+                ``gradient_checkpointing_enable``, non-reentrant; with LoRA the input embeddings'
+                outputs require grad); less activation memory for about one more forward per update.
+            reference_dtype: parameter dtype of the frozen reference; None: ``bfloat16`` under a
+                ``bf16*`` trainer precision (the dtype the policy computes in), else ``dtype``. The
+                reference is not loaded at all when ``ppo.kl_coef == 0`` (a warning says so).
         """
         super().__init__()
         self.automatic_optimization = False
+        self.prompt = PromptFormat.coerce(prompt)
         self.save_hyperparameters(ignore=["scorer", "optimizer", "scheduler"])
         self.credit, self.ppo = _config(CreditConfig, credit), _config(PPOConfig, ppo)
         self.sampling = _config(RolloutConfig, sampling)
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.validation = PolicyEval(**validation) if isinstance(validation, dict) else validation
-        store_plain_hparams(self, **{name: getattr(self, name) for name in ("credit", "ppo", "sampling", "validation", "lora")})
+        store_plain_hparams(self, **{name: getattr(self, name) for name in ("credit", "ppo", "sampling", "validation", "lora", "prompt")})
         if self.credit.progress_coef != 0 and (scorer is None or isinstance(scorer, NoScorer)):
             raise ValueError(f"progress_coef={self.credit.progress_coef} needs a StepScorer (scorer is {scorer!r}); "
                              "use progress_coef: 0 for outcome-only credit")
@@ -133,6 +147,7 @@ class HCAPolicyModule(L.LightningModule):
         self.samples_seen = 0  # responses sampled for training so far
         self.tokens_generated = 0  # response tokens sampled for training so far (scorer rollouts not included)
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient
+        self.prompts_skipped = 0  # problems dropped for a prompt longer than the context (prompt.long_prompts: skip)
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -143,8 +158,23 @@ class HCAPolicyModule(L.LightningModule):
             self.model = load_causal_lm(hp.policy, hp.dtype, tokenizer=self.tokenizer)
             if self.lora is not None:
                 self.model = add_lora(self.model, self.lora)  # only the adapters require gradients
-        if hp.reference is not None and "reference" not in self._frozen:
-            ref = load_causal_lm(hp.reference, hp.dtype, tokenizer=self.tokenizer)
+            if hp.get("gradient_checkpointing", False):  # HF turns use_cache off only while grads are on
+                enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+                if enable is not None:
+                    enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if self.lora is not None:
+                    self.model.enable_input_require_grads()  # frozen embeddings: keep a grad path into layer 0
+        if hp.reference is not None and self.ppo.kl_coef == 0:
+            if not getattr(self, "_warned_reference_unused", False):
+                self._warned_reference_unused = True
+                warnings.warn(f"reference={hp.reference!r} is not loaded: ppo.kl_coef == 0, so it would be unused "
+                              "(no KL term, no train/kl metric)", UserWarning, stacklevel=2)
+        elif hp.reference is not None and "reference" not in self._frozen:
+            precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+            ref_dtype = hp.get("reference_dtype") or ("bfloat16" if precision.startswith("bf16") else hp.dtype)
+            ref = load_causal_lm(hp.reference, ref_dtype, tokenizer=self.tokenizer)
             self._frozen["reference"] = ref.requires_grad_(False).eval()
 
     def configure_optimizers(self):
@@ -158,6 +188,27 @@ class HCAPolicyModule(L.LightningModule):
         for model in self._frozen.values():
             model.to(self.device)
         self._engine = None
+        self.check_prompt_format()
+
+    def check_prompt_format(self) -> None:
+        """Refuse a scorer trained on prompts of another format (``allow_prompt_format_mismatch`` overrides)."""
+        if self.hparams.allow_prompt_format_mismatch or not hasattr(self.scorer, "prompt_format"):
+            return
+        from hca.prompts import check_same_format
+
+        check_same_format(self.prompt.describe(self.tokenizer), self.scorer.prompt_format,
+                          f"the PRM at {getattr(self.scorer, 'path', self.scorer)!r}",
+                          "model.init_args.allow_prompt_format_mismatch")
+
+    def render(self, problems: list[Problem]) -> list[Problem]:
+        """Prompts of native problem lines rendered in the policy's format; with ``prompt.long_prompts:
+        skip`` a problem whose prompt fills the context is dropped and counted (``prompts_skipped``)."""
+        kept, skipped = render_problems(problems, self.prompt, self.tokenizer, context_length(self.model))
+        self.prompts_skipped += len(skipped)
+        if not kept:
+            raise ValueError(f"every problem of this batch ({len(problems)}) has a prompt longer than the policy's "
+                             "context; nothing to sample")
+        return kept
 
     def engine(self):
         if self._engine is None:
@@ -167,7 +218,7 @@ class HCAPolicyModule(L.LightningModule):
         return self._engine
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # lists of problems (text); tensors are made on the right device later
+        return self.render(batch)  # lists of problems (text); tensors are made on the right device later
 
     # ------------------------------------------------------------------ the RL step
     def training_step(self, problems: list[Problem], batch_idx: int):
@@ -187,7 +238,7 @@ class HCAPolicyModule(L.LightningModule):
                   "time_credit": t2 - t1 - batch.scoring_seconds, "time_update": t3 - t2, "time_step": t3 - t0,
                   "samples": float(self.samples_seen), "tokens": float(self.tokens_generated),
                   "rl_step": float(self.rl_step),
-                  "skipped_updates": float(self.skipped_updates)}
+                  "skipped_updates": float(self.skipped_updates), "prompts_skipped": float(self.prompts_skipped)}
         self.log_dict({f"train/{k}": float(v) for k, v in stats.items()}, on_step=True, on_epoch=False,
                       batch_size=len(batch))
         self.log("reward", stats["reward"], prog_bar=True, logger=False, on_step=True, batch_size=len(batch))
@@ -201,9 +252,10 @@ class HCAPolicyModule(L.LightningModule):
         needs_forward = self.ppo.recompute_old_logp or "reference" in self._frozen
         on_device = batch.to(self.device) if needs_forward else batch
         if self.ppo.recompute_old_logp:
-            batch = dataclasses.replace(batch, old_logp=frozen_logprobs(self.model, on_device, chunk, temp).cpu())
+            batch = dataclasses.replace(batch, old_logp=frozen_logprobs(self.model, on_device, chunk, temp,
+                                                                        self.ppo.logprob_chunk_size).cpu())
         if "reference" in self._frozen:
-            ref = frozen_logprobs(self._frozen["reference"], on_device, chunk, temp)
+            ref = frozen_logprobs(self._frozen["reference"], on_device, chunk, temp, self.ppo.logprob_chunk_size)
             batch = dataclasses.replace(batch, ref_logp=ref.cpu())
         return batch
 
@@ -249,44 +301,86 @@ class HCAPolicyModule(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------ validation, export, state
-    def _evaluate(self, problems: list[Problem], batch_idx: int) -> dict[str, float]:
+    def _evaluate(self, problems: list[Problem], index: int) -> dict[str, float]:
+        """Sums over one validation batch: every metric of :func:`hca.evaluation.evaluate_policy` is
+        a mean over the batch's problems (each with ``n`` samples), so ``val/*`` sums are mean x
+        problem count, and ``count`` is the problem count. Sampling is seeded by the batch's global
+        index ``index`` (the same on any number of ranks; ``val/0`` is the tag one process always used)."""
         from hca.evaluation import evaluate_policy
 
+        if not problems:
+            return {}
         cfg = self.validation
         res = evaluate_policy(self.engine(), problems, n=cfg.n, ks=tuple(cfg.ks), max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature,
-                              seed=derive_seed(cfg.seed, batch_idx, f"val/{self.global_rank}"))
-        return {f"val/{k}": float(v) for k, v in res.metrics.items()}
+                              temperature=cfg.temperature, seed=derive_seed(cfg.seed, index, "val/0"))
+        return {f"val/{k}": float(v) * len(problems) for k, v in res.metrics.items()} | {"count": len(problems)}
+
+    def _val_sums(self, reset: bool = False) -> dict[str, float]:
+        if reset or not hasattr(self, "_val_acc"):
+            self._val_acc: dict[str, float] = {}
+        return self._val_acc
+
+    def _val_combine(self, sums: dict[str, float]) -> dict[str, float]:
+        """The ``val/*`` means over every rank's share (all ranks must call it): sums and problem
+        counts of all ranks added up in rank order, then divided, as one process over all the
+        problems (to float64 rounding); ``val/samples`` and ``val/tokens`` are the training totals
+        of all ranks. ``{}`` when no rank validated a problem."""
+        totals: dict[str, float] = {}
+        samples = tokens = 0
+        for part, n_samples, n_tokens in gather_objects((sums, self.samples_seen, self.tokens_generated)):
+            for k, v in part.items():
+                totals[k] = totals.get(k, 0.0) + v
+            samples, tokens = samples + n_samples, tokens + n_tokens
+        count = totals.pop("count", 0)
+        if not count:
+            return {}
+        return {k: v / count for k, v in totals.items()} | {"val/samples": float(samples),
+                                                             "val/rl_step": float(self.rl_step),
+                                                             "val/tokens": float(tokens)}
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums(reset=True)
 
     def validation_step(self, problems: list[Problem], batch_idx: int):
+        """Sample this rank's batch; the val loader gives rank ``r`` of ``W`` the fixed batches ``r, r
+        + W, ...`` (:func:`hca.datamodules.bucketing.global_batch_index`), combined at the epoch end."""
         if self.validation is None:
             return
-        metrics = self._evaluate(problems, batch_idx) | {"val/samples": float(self.samples_seen),
-                                                         "val/rl_step": float(self.rl_step),
-                                                         "val/tokens": float(self.tokens_generated)}
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=len(problems), sync_dist=True)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        acc = self._val_sums()
+        for k, v in self._evaluate(problems, global_batch_index(batch_idx, self.global_rank, world)).items():
+            acc[k] = acc.get(k, 0.0) + v
+
+    def on_validation_epoch_end(self) -> None:
+        if self.validation is None:
+            return
+        metrics = self._val_combine(self._val_sums())
+        if metrics:  # the same on every rank: "max" over ranks keeps it exact (and Lightning's sync check quiet)
+            self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+        self._val_sums(reset=True)
 
     def on_train_start(self) -> None:
         """Validate the starting policy once, before RL step 1 (``validation.at_start``), and write it
         to the loggers at step 0 with ``val/samples = 0``, so every learning curve starts at the
-        policy RL began from. Same problems and seeds as the periodic validation; a resumed run skips it."""
+        policy RL began from. Same problems, seeds and combination over ranks as the periodic
+        validation (every rank validates its share); a resumed run skips it."""
         cfg = self.validation
         if cfg is None or not cfg.at_start or self.rl_step != 0 or self.trainer.datamodule is None:
             return
         sums: dict[str, float] = {}
-        count = 0
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
             for i, problems in enumerate(self.trainer.datamodule.val_dataloader()):
-                for k, v in self._evaluate(problems, i).items():
-                    sums[k] = sums.get(k, 0.0) + v * len(problems)
-                count += len(problems)
+                problems = self.transfer_batch_to_device(problems, self.device, 0)  # as Lightning does for val
+                index = global_batch_index(i, self.global_rank, self.trainer.world_size)
+                for k, v in self._evaluate(problems, index).items():
+                    sums[k] = sums.get(k, 0.0) + v
         self.model.train(was_training)
-        if count and self.trainer.is_global_zero:
-            metrics = {k: v / count for k, v in sums.items()} | {"val/samples": 0.0, "val/rl_step": 0.0, "val/tokens": 0.0}
+        metrics = self._val_combine(sums)
+        if metrics:  # every rank, as Lightning calls loggers (its loggers write on rank 0 only)
             for logger in self.loggers:
-                logger.log_metrics(metrics, step=0)
+                logger.log_metrics(metrics | {"val/samples": 0.0, "val/rl_step": 0.0, "val/tokens": 0.0}, step=0)
 
     def on_train_end(self) -> None:
         if not self.hparams.export_dir:
@@ -296,14 +390,22 @@ class HCAPolicyModule(L.LightningModule):
                 model = merged_copy(self.model) if self.lora is not None else self.model  # LoRA: merged, plain HF
                 save_checkpoint(model, self.tokenizer, self.hparams.export_dir)
 
+    _COUNTERS = ("rl_step", "samples_seen", "tokens_generated", "skipped_updates", "prompts_skipped")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["hca_rl"] = {"rl_step": self.rl_step, "samples_seen": self.samples_seen,
-                                "tokens_generated": self.tokens_generated,
-                                "skipped_updates": self.skipped_updates}
+        """The RL counters; on several ranks every rank's own (gathered: each rank samples its own
+        responses, so their token counts differ) under ``per_rank``, rank 0's at the top level."""
+        state = {name: getattr(self, name) for name in self._COUNTERS}
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank dumps the checkpoint: a collective is safe
+            mine = torch.tensor([float(state[n]) for n in self._COUNTERS], dtype=torch.float64, device=self.device)
+            state["per_rank"] = [dict(zip(self._COUNTERS, map(int, row)))
+                                 for row in self.all_gather(mine).reshape(-1, len(self._COUNTERS)).tolist()]
+        checkpoint["hca_rl"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("hca_rl", {})
-        self.rl_step = int(state.get("rl_step", 0))
-        self.samples_seen = int(state.get("samples_seen", 0))
-        self.tokens_generated = int(state.get("tokens_generated", 0))
-        self.skipped_updates = int(state.get("skipped_updates", 0))
+        ranks = state.get("per_rank")
+        if ranks and self._trainer is not None and len(ranks) == self.trainer.world_size:
+            state = ranks[self.global_rank]
+        for name in self._COUNTERS:
+            setattr(self, name, int(state.get(name, 0)))

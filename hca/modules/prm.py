@@ -24,9 +24,15 @@ the PRM alone), ``val/harmful_auroc`` / ``val/harmful_f1`` (first harmful step),
 calibration, all labels), ``val/outcome_auroc`` (``f(h_K)`` against ``R``, pooled over problems),
 ``val/outcome_pair_acc`` (within-problem ranking of ``f(h_K)``: what best-of-N needs), and where ground-truth
 step correctness exists ``val/first_error_f1_value`` / ``val/first_error_f1_progress``.
+
+On several ranks each validates its own share of the fixed validation batches (the datamodule's),
+and the logged values are those of one process over all of them: ``val/loss`` is the
+response-weighted mean of the batch losses summed over ranks, and every metric's state is
+gathered before it is computed (docs/prm.md, "Several ranks").
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import lightning as L
@@ -36,12 +42,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanSquaredError, SpearmanCorrCoef
 from torchmetrics.classification import BinaryAUROC, BinaryF1Score
 
+from hca.datamodules.bucketing import gather_objects
 from hca.datamodules.trajectories import PRMBatch
 from hca.lora import LoraSettings
 from hca.modules.hparams import store_plain_hparams
 from hca.prm_metrics import (FirstErrorF1, PairwiseRankAccuracy, SoftCalibrationError, first_flag, harmful_step_targets,
                              predicted_first_error)
 from hca.prm_model import ProgressRewardModel, grow_backbone, hidden_size_of, load_backbone, save_prm
+from hca.trajectories import manifest_prompt_format
 
 
 @dataclass
@@ -179,52 +187,88 @@ class PRMModule(L.LightningModule):
         return loss
 
     # ---------------------------------------------------------------------------------- validation
+    def _val_metrics(self) -> dict:
+        return {"val/value_mse": self.value_mse, "val/progress_mse": self.progress_mse,
+                "val/progress_spearman": self.progress_spearman, "val/harmful_auroc": self.harmful_auroc,
+                "val/harmful_f1": self.harmful_f1, "val/ece": self.ece, "val/outcome_auroc": self.outcome_auroc,
+                "val/outcome_pair_acc": self.outcome_pair_acc,
+                "val/first_error_f1_value": self.first_error_value,
+                "val/first_error_f1_progress": self.first_error_progress}
+
+    def _val_counts(self, reset: bool = False) -> dict:
+        """This rank's items per metric and the loss sums of the current validation."""
+        if reset or not hasattr(self, "_val_state"):
+            self._val_state = dict.fromkeys(self._val_metrics(), 0) | {"loss_sum": 0.0, "responses": 0}
+        return self._val_state
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_counts(reset=True)
+
     def validation_step(self, batch: PRMBatch, batch_idx: int) -> None:
-        logits = self(batch)
-        self.log("val/loss", self.loss(logits, batch), prog_bar=True, batch_size=len(batch))
+        """Accumulate this rank's share (see the module docstring for how ranks are combined)."""
+        logits = self(batch)  # a padding batch too: under ZeRO-3 every rank must run as many forward passes
+        if batch.padding:  # discard it, but update the metrics below with typed empty tensors
+            batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[:0] for f in dataclasses.fields(batch)
+                                                  if isinstance(getattr(batch, f.name), torch.Tensor)})
+            logits = logits[:0]
+        counts = self._val_counts()
+        if len(batch):
+            counts["loss_sum"] += float(self.loss(logits, batch)) * len(batch)
+            counts["responses"] += len(batch)
+
+        def add(name, n, metric, *args, empty_ok=False):  # list-state metrics always get (maybe empty) updates
+            counts[name] += int(n)
+            if n or empty_ok:
+                metric.update(*args)
+
         f, t, m = torch.sigmoid(logits), batch.targets, batch.label_mask
         mc = m & ~batch.is_final
-        if mc.any():
-            self.value_mse.update(f[mc], t[mc])
-        self.ece.update(f[m], t[m])
-        if batch.is_final.any():
-            rows = batch.is_final.any(1)
-            self.outcome_auroc.update(f[batch.is_final], batch.targets[batch.is_final].long())
-            self.outcome_pair_acc.update(batch.problem_index[rows], f[batch.is_final], batch.targets[batch.is_final])
+        add("val/value_mse", mc.sum(), self.value_mse, f[mc], t[mc])
+        add("val/ece", m.sum(), self.ece, f[m], t[m])
+        fin, rows = batch.is_final, batch.is_final.any(1)
+        add("val/outcome_auroc", fin.sum(), self.outcome_auroc, f[fin], t[fin].long(), empty_ok=True)
+        add("val/outcome_pair_acc", fin.sum(), self.outcome_pair_acc, batch.problem_index[rows], f[fin], t[fin],
+            empty_ok=True)
         both = m[:, 1:] & m[:, :-1]
-        if both.any():
-            pp, lp = (f[:, 1:] - f[:, :-1])[both], (t[:, 1:] - t[:, :-1])[both]
-            self.progress_mse.update(pp, lp)
-            self.progress_spearman.update(pp, lp)
+        pp, lp = (f[:, 1:] - f[:, :-1])[both], (t[:, 1:] - t[:, :-1])[both]
+        add("val/progress_mse", both.sum(), self.progress_mse, pp, lp)
+        add("val/progress_spearman", both.sum(), self.progress_spearman, pp, lp, empty_ok=True)
         cfg = self.eval_cfg
         include, positive = harmful_step_targets(t, m, cfg.harmful_threshold)
-        if include.any():
-            pred_prog = (f[:, 1:] - f[:, :-1])[include]
-            self.harmful_auroc.update(-pred_prog, positive[include].long())
-            self.harmful_f1.update((pred_prog <= -cfg.harmful_threshold).long(), positive[include].long())
+        pred_prog, harmful = (f[:, 1:] - f[:, :-1])[include], positive[include].long()
+        add("val/harmful_auroc", include.sum(), self.harmful_auroc, -pred_prog, harmful, empty_ok=True)
+        add("val/harmful_f1", include.sum(), self.harmful_f1, (pred_prog <= -cfg.harmful_threshold).long(), harmful)
         steps = batch.step_correct[:, 1:]  # [B, J-1]
         exists = batch.boundary_mask[:, 1:]
         known = ((steps >= 0) | ~exists).all(1) & (steps >= 0).any(1)  # every kept step has ground truth
-        if known.any():
-            truth = first_flag((steps == 0) & exists)[known]
-            for rule, thr, metric in (("value", cfg.error_value_threshold, self.first_error_value),
-                                      ("progress", cfg.error_progress_threshold, self.first_error_progress)):
-                metric.update(predicted_first_error(f, exists, rule, thr)[known], truth)
+        truth = first_flag((steps == 0) & exists)[known]
+        for rule, thr, name, metric in (("value", cfg.error_value_threshold, "val/first_error_f1_value",
+                                         self.first_error_value),
+                                        ("progress", cfg.error_progress_threshold, "val/first_error_f1_progress",
+                                         self.first_error_progress)):
+            add(name, known.sum(), metric, predicted_first_error(f, exists, rule, thr)[known], truth)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = {"val/value_mse": self.value_mse, "val/progress_mse": self.progress_mse,
-                   "val/progress_spearman": self.progress_spearman, "val/harmful_auroc": self.harmful_auroc,
-                   "val/harmful_f1": self.harmful_f1, "val/ece": self.ece, "val/outcome_auroc": self.outcome_auroc,
-                   "val/outcome_pair_acc": self.outcome_pair_acc,
-                   "val/first_error_f1_value": self.first_error_value,
-                   "val/first_error_f1_progress": self.first_error_progress}
+        """Combine the ranks exactly: loss and counts are summed over every rank's share; every
+        torchmetrics state is gathered by ``compute()`` (sums, or the concatenated scores that
+        AUROC, Spearman and the pair accuracy need), which all ranks call for a metric that any rank
+        has data for. A metric no rank has data for is not logged."""
+        totals: dict = {}
+        for part in gather_objects(self._val_counts()):
+            for k, v in part.items():
+                totals[k] = totals.get(k, 0) + v
         out = {}
-        for name, metric in metrics.items():
-            if metric.update_called:
+        for name, metric in self._val_metrics().items():
+            if totals[name] > 0:
                 out[name] = metric.compute().float()
             metric.reset()
+        # the same on every rank: "max" over ranks keeps each value exact (and Lightning's sync check quiet)
         if out:
-            self.log_dict(out, sync_dist=False)
+            self.log_dict(out, sync_dist=True, reduce_fx="max")
+        if totals["responses"]:
+            self.log("val/loss", totals["loss_sum"] / totals["responses"], prog_bar=True, sync_dist=True,
+                     reduce_fx="max")
+        self._val_counts(reset=True)
 
     # ---------------------------------------------------------------------------------- export / optim
     def export(self, path: str) -> None:
@@ -237,7 +281,8 @@ class PRMModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         extra = {"backbone": self.hparams.backbone, "dtype": self.hparams.dtype,
                  "data_dir": getattr(getattr(dm, "hparams", None), "data_dir", None),
-                 "max_length": getattr(getattr(dm, "hparams", None), "max_length", None)}
+                 "max_length": getattr(getattr(dm, "hparams", None), "max_length", None),
+                 "prompt_format": manifest_prompt_format(getattr(dm, "manifest", None) or {})}
         save_prm(backbone, self.prm.head, self.tokenizer, path, extra)
 
     def on_train_end(self) -> None:

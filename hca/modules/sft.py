@@ -56,6 +56,7 @@ class SFTModule(L.LightningModule):
             self.tokenizer = load_tokenizer(self.hparams.tokenizer or self.hparams.model)
         if self.model is None:
             self.model = load_causal_lm(self.hparams.model, self.hparams.dtype, tokenizer=self.tokenizer)
+            self.model.train()  # from_pretrained returns eval mode
 
     def forward(self, **batch):
         return self.model(**batch)

@@ -1,0 +1,223 @@
+"""GSM8K and MATH recipes on any local causal LM folders: collection -> PRM -> RL (GRPO and HCA) ->
+held-out evaluation, each stage a Lightning run over its YAML config, skipped when done and resumed
+when killed, like the quickstart (:mod:`hca.pipeline`).
+
+    python -m hca.pipeline --recipe gsm8k --policy PATH --prover PATH --prm-backbone PATH
+    python -m hca.pipeline --recipe gsm8k --tiny          # tiny real-format models built here, CPU-sized run
+
+From Python::
+
+    from hca.recipes import recipe_stages
+    from hca.pipeline import run_stages
+    run_stages(recipe_stages("gsm8k", policy="...", prover="...", prm_backbone="..."))
+
+Every stage writes its exact recipe (``<out>/<stage>/config.yaml``, :func:`hca.pipeline.derived_config`):
+the base YAML (``configs/{collect,prm,rl,eval}/<recipe>*.yaml``) with the model folders, the output
+folder and, with ``scale="tiny"``, the CPU smoke sizes of :data:`TINY` set.
+
+Data. GSM8K: the shared ``train.jsonl`` (collection and RL) and ``test.jsonl`` (evaluation). MATH:
+only MATH-500 is shipped, so :func:`math_split` cuts it by a hash of ``unique_id`` into 400
+training and 100 test problems (``runs/data/math``); figures on that test split are not comparable
+with published MATH-500 numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hca.pipeline import Stage, derived_config, fit_from_config, predict_from_config
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str  # "gsm8k" | "math"
+    task: str  # verifier
+    train_file: str  # problems for collection and RL
+    test_file: str  # held-out problems for evaluation
+
+
+def _shared(*parts: str) -> str:
+    from hca.processbench import data_dir
+
+    return str(Path(data_dir(), *parts))
+
+
+def recipes() -> dict[str, Recipe]:
+    return {"gsm8k": Recipe("gsm8k", "gsm8k", _shared("gsm8k", "train.jsonl"), _shared("gsm8k", "test.jsonl")),
+            "math": Recipe("math", "math", "runs/data/math/train.jsonl", "runs/data/math/test.jsonl")}
+
+
+def math_split(out_dir: str = "runs/data/math", test_fraction: float = 0.2) -> tuple[str, str]:
+    """``out_dir/{train,test}.jsonl`` from MATH-500, split by ``sha256(unique_id)`` (written once, atomically)."""
+    from hca.problems import write_jsonl_atomic
+
+    train, test = Path(out_dir) / "train.jsonl", Path(out_dir) / "test.jsonl"
+    if train.exists() and test.exists():
+        return str(train), str(test)
+    src = Path(_shared("math500", "test.jsonl"))
+    if not src.exists():
+        raise FileNotFoundError(f"MATH-500 not found at {src} (set HCA_SHARED_DATA to the shared data folder)")
+    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rank = sorted(rows, key=lambda r: hashlib.sha256(r["unique_id"].encode()).hexdigest())
+    k = round(test_fraction * len(rank))
+    write_jsonl_atomic(test, rank[:k])
+    write_jsonl_atomic(train, rank[k:])
+    return str(train), str(test)
+
+
+TINY: dict[str, dict[str, Any]] = {
+    "collect": {"trainer.accelerator": "cpu", "model.init_args.dtype": "float32", "model.init_args.num_threads": None,
+                "model.init_args.collection.num_responses": 2, "model.init_args.collection.num_rollouts": 2,
+                "model.init_args.collection.num_rollouts_h0": 2, "model.init_args.collection.max_new_tokens": 48,
+                "model.init_args.collection.prover_max_new_tokens": 48, "data.init_args.limit": 8,
+                "data.init_args.chunk_size": 4},
+    "prm": {"trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.precision": "32-true", "trainer.max_steps": 6,
+            "trainer.val_check_interval": 3, "trainer.accumulate_grad_batches": 1, "trainer.log_every_n_steps": 1,
+            "trainer.callbacks.0.init_args.every_n_train_steps": 3, "model.init_args.gradient_checkpointing": False,
+            "model.init_args.optimizer.init_args.lr": 1e-3, "model.init_args.scheduler": None,
+            "data.init_args.val_fraction": 0.25, "data.init_args.batch_size": 4, "data.init_args.val_batch_size": 8,
+            "data.init_args.num_workers": 0},
+    "rl": {"trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.precision": "32-true", "trainer.max_steps": 2,
+           "trainer.val_check_interval": 1, "trainer.callbacks.0.init_args.every_n_train_steps": 1,
+           "model.init_args.optimizer.init_args.lr": 1e-3, "model.init_args.ppo.group_size": 4,
+           "model.init_args.ppo.mini_batch_size": 8, "model.init_args.ppo.recompute_old_logp": False,
+           "model.init_args.sampling.max_new_tokens": 48, "model.init_args.validation.n": 2,
+           "model.init_args.validation.ks": [1, 2], "model.init_args.validation.max_new_tokens": 48,
+           "data.init_args.problems_per_step": 2, "data.init_args.num_val": 4, "data.init_args.val_batch_size": 4},
+    "eval": {"trainer.accelerator": "cpu", "trainer.precision": "32-true", "model.init_args.validation.n": 2,
+             "model.init_args.validation.ks": [1, 2], "model.init_args.validation.max_new_tokens": 48,
+             "data.init_args.num_val": 4, "data.init_args.val_batch_size": 4},
+}
+"""The ``scale="tiny"`` sizes: 8 collection problems, 6 PRM updates, 2 RL steps of 2 x 4 responses,
+4 evaluation problems, fp32 on CPU (minutes; the plumbing, not learning)."""
+TINY_HCA_SCORER = {"model.init_args.scorer.init_args.dtype": "float32", "model.init_args.scorer.init_args.device": "cpu"}
+
+
+def check_model_folder(path: str, role: str, flag: str) -> None:
+    """A clear error before anything runs: ``path`` must be a local model folder with a config and a tokenizer."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{flag} {path!r}: no such folder (the {role} must be a local model folder "
+                                "saved with save_pretrained)")
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"{flag} {path!r}: no config.json in the {role} folder (not a save_pretrained model)")
+    from hca.models import has_tokenizer_files
+
+    if not has_tokenizer_files(p):
+        raise FileNotFoundError(f"{flag} {path!r}: the {role} folder has no tokenizer (tokenizer.json or "
+                                "tokenizer_config.json); save one there with tokenizer.save_pretrained(folder)")
+
+
+def recipe_stages(recipe: str = "gsm8k", policy: str | None = None, prover: str | None = None,
+                  prm_backbone: str | None = None, out: str | None = None, scale: str = "full",
+                  tiny: bool = False) -> list[Stage]:
+    """The stages of a recipe (module docstring). ``tiny``: build the tiny real-format models
+    (:mod:`hca.tiny_models`) into ``runs/tiny`` first and use them (implies ``scale="tiny"``)."""
+    known = recipes()
+    if recipe not in known:
+        raise ValueError(f"--recipe {recipe!r}: unknown; valid: {sorted(known)}")
+    if scale not in ("full", "tiny"):
+        raise ValueError(f"--scale {scale!r}: valid: full, tiny")
+    r = known[recipe]
+    out = out or f"runs/{recipe}"
+    stages: list[Stage] = []
+    if tiny:
+        scale = "tiny"
+        policy, prover, prm_backbone = (policy or "runs/tiny/policy", prover or "runs/tiny/prover",
+                                        prm_backbone or "runs/tiny/prm_backbone")
+        stages.append(Stage(name="tiny-models", title="Tiny real-format models (hca.tiny_models, random weights + brief SFT)",
+                            outputs=[f"{m}/config.json" for m in (policy, prover, prm_backbone)],
+                            run=lambda: _build_tiny("runs/tiny")))
+    missing = [flag for flag, v in (("--policy", policy), ("--prover", prover), ("--prm-backbone", prm_backbone)) if not v]
+    if missing:
+        raise ValueError(f"recipe {recipe!r} needs {', '.join(missing)} (local model folders; or --tiny)")
+    if not tiny:
+        for path, role, flag in ((policy, "policy", "--policy"), (prover, "prover", "--prover"),
+                                 (prm_backbone, "PRM backbone", "--prm-backbone")):
+            check_model_folder(path, role, flag)
+    if recipe == "math":
+        stages.append(Stage(name="data", title="MATH-500 split into train/test (runs/data/math)",
+                            outputs=[r.train_file, r.test_file], run=math_split))
+    cfg = stage_configs(recipe, policy, prover, prm_backbone, out, scale)
+    base, folder, values = cfg["collect"]
+    stages.append(Stage(
+        name="collect", title=f"Prover-labeled trajectories on {recipe} ({base})", outputs=[f"{folder}/manifest.json"],
+        run=lambda: predict_from_config(derived_config(*cfg["collect"]))))
+    base, folder, values = cfg["prm"]
+    stages.append(Stage(
+        name="prm", title=f"Progress PRM ({base}, backbone {prm_backbone})", outputs=[f"{folder}/model/prm_config.json"],
+        run=lambda f=folder: fit_from_config(derived_config(*cfg["prm"]), f"{f}/model", f"{f}/checkpoints")))
+    for method in ("grpo", "hca"):
+        base, folder, values = cfg[f"rl-{method}"]
+        stages.append(Stage(
+            name=f"rl-{method}", title=f"RL with {method.upper()} from {policy} ({base})",
+            outputs=[f"{folder}/model/config.json"],
+            run=lambda c=cfg[f"rl-{method}"]: fit_from_config(derived_config(*c), f"{c[1]}/model", f"{c[1]}/checkpoints")))
+    models = {"start": policy, "grpo": f"{out}/rl/grpo/model", "hca": f"{out}/rl/hca/model"}
+    base, folder, values = cfg["eval"]
+    stages.append(Stage(
+        name="eval", title=f"Held-out evaluation on {os.path.relpath(r.test_file)}: start policy, GRPO, HCA ({base})",
+        outputs=[f"{out}/eval.json"], run=lambda: evaluate_recipe(models, *cfg["eval"], f"{out}/eval.json")))
+    return stages
+
+
+def stage_configs(recipe: str, policy: str, prover: str, prm_backbone: str, out: str, scale: str = "full"
+                  ) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """``{stage: (base YAML, output folder, dotted overrides)}``: what :func:`hca.pipeline.derived_config`
+    makes each stage's ``config.yaml`` from (the evaluation's folder gets one sub-folder per checkpoint)."""
+    r = recipes()[recipe]
+    sizes = TINY if scale == "tiny" else {k: {} for k in TINY}
+    task = {"data.init_args.task": r.task}
+    collect_dir, prm_dir = f"{out}/collect", f"{out}/prm"
+    cfg = {
+        "collect": (f"configs/collect/{recipe}.yaml", collect_dir, {
+            **sizes["collect"], **task, "model.init_args.policy": policy, "model.init_args.prover": prover,
+            "data.init_args.problems_file": r.train_file, "data.init_args.out_dir": collect_dir}),
+        "prm": (f"configs/prm/{recipe}.yaml", prm_dir, {
+            **sizes["prm"], "model.init_args.backbone": prm_backbone, "model.init_args.tokenizer": prm_backbone,
+            "data.init_args.tokenizer": prm_backbone, "data.init_args.data_dir": collect_dir}),
+        "eval": (f"configs/eval/{recipe}.yaml", f"{out}/eval", {
+            **sizes["eval"], **task, "data.init_args.train_file": r.test_file, "data.init_args.val_file": r.test_file}),
+    }
+    for method in ("grpo", "hca"):
+        values = {**sizes["rl"], **task, "data.init_args.train_file": r.train_file,
+                  "data.init_args.val_file": r.test_file, "model.init_args.policy": policy}
+        if method == "hca":
+            values["model.init_args.scorer.init_args.path"] = f"{prm_dir}/model"
+            values.update(TINY_HCA_SCORER if scale == "tiny" else {})
+        cfg[f"rl-{method}"] = (f"configs/rl/{recipe}_{method}.yaml", f"{out}/rl/{method}", values)
+    return cfg
+
+
+def _build_tiny(folder: str) -> None:
+    from hca.tiny_models import build_tiny_models
+
+    for name, path in build_tiny_models(folder, _shared("gsm8k", "train.jsonl")).items():
+        print(f"  {name}: {path}", flush=True)
+
+
+def evaluate_recipe(models: dict[str, str], config: str, out_dir: str, values: dict, out_json: str) -> dict:
+    """``python train.py validate`` of ``config`` for each named checkpoint; the ``val/*`` figures of
+    all of them go to ``out_json`` (atomically) and a table to the console."""
+    from hca.cli import main
+    from hca.trajectories import write_json_atomic
+
+    results = {}
+    for name, path in models.items():
+        cfg = derived_config(config, f"{out_dir}/{name}", {**values, "model.init_args.policy": path})
+        cli = main(args=["validate", "--config", cfg])
+        metrics = {k.removeprefix("val/"): float(v) for k, v in cli.trainer.callback_metrics.items()
+                   if k.startswith("val/") and k not in ("val/samples", "val/tokens", "val/rl_step")}
+        results[name] = {"checkpoint": path, **metrics}
+    write_json_atomic(out_json, results)
+    keys = [k for k in ("pass@1", "pass@2", "pass@4", "pass@8", "maj@4", "maj@8", "truncated_frac")
+            if any(k in r for r in results.values())]
+    print("\n" + f"{'checkpoint':<10} " + " ".join(f"{k:>14}" for k in keys))
+    for name, r in results.items():
+        print(f"{name:<10} " + " ".join(f"{r.get(k, float('nan')):14.3f}" for k in keys))
+    print(f"(written to {out_json})", flush=True)
+    return results

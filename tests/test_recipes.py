@@ -1,0 +1,69 @@
+"""The recipes' stage configs (hca.recipes): every derived config of both recipes, at both scales,
+instantiates through the CLI; the MATH split; the SFT step format; clear errors for bad flags."""
+import json
+from pathlib import Path
+
+import pytest
+
+from hca.processbench import data_dir
+from hca.recipes import TINY, math_split, recipe_stages, stage_configs
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("recipe", ["gsm8k", "math"])
+@pytest.mark.parametrize("scale", ["full", "tiny"])
+def test_every_stage_config_instantiates(recipe, scale, tmp_path, monkeypatch):
+    from hca.cli import main
+    from hca.pipeline import derived_config
+
+    monkeypatch.chdir(ROOT)  # the configs name repo-relative data paths
+    out = tmp_path / recipe
+    cfg = stage_configs(recipe, "runs/tiny/policy", "runs/tiny/prover", "runs/tiny/prm_backbone", str(out), scale)
+    assert set(cfg) == {"collect", "prm", "rl-grpo", "rl-hca", "eval"}
+    for name, (base, folder, values) in cfg.items():
+        path = derived_config(base, folder, values)
+        text = Path(path).read_text()
+        assert str(out) in text and f"runs/{recipe}/" not in text.split("\n", 1)[1]  # every output under --out
+        cli = main(args=["--config", path], run=False)
+        if name.startswith("rl") or name == "eval":
+            assert cli.model.hparams.policy == "runs/tiny/policy" and cli.datamodule.hparams.task == recipe
+            if scale == "tiny":
+                assert cli.trainer.max_steps in (2, -1)
+    if scale == "tiny":
+        assert set(TINY) == {"collect", "prm", "rl", "eval"}
+
+
+def test_math_split_is_disjoint_deterministic_and_complete(tmp_path):
+    if not (data_dir() / "math500" / "test.jsonl").exists():
+        pytest.skip("shared MATH-500 absent")
+    train, test = math_split(str(tmp_path / "a"))
+    train2, test2 = math_split(str(tmp_path / "b"))
+    ids = {f: [json.loads(x)["unique_id"] for x in Path(f).read_text().splitlines()] for f in (train, test, train2, test2)}
+    assert len(ids[train]) == 400 and len(ids[test]) == 100 and not set(ids[train]) & set(ids[test])
+    assert ids[train] == ids[train2] and ids[test] == ids[test2]
+
+
+def test_step_solution_format():
+    from hca.datamodules.sft import step_solution
+
+    sol = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n\nShe sold 48+24 = <<48+24=72>>72 clips."
+    assert step_solution(sol, "72") == ("Natalia sold 48/2 = 24 clips in May.\n\nShe sold 48+24 = 72 clips.\n\n"
+                                        "The final answer is \\boxed{72}.")
+    assert step_solution("a\nb", "3", "\n") == "a\nb\nThe final answer is \\boxed{3}."
+
+
+def test_bad_recipe_flags(tmp_path):
+    with pytest.raises(ValueError, match="needs --prover, --prm-backbone"):
+        recipe_stages("gsm8k", policy=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown"):
+        recipe_stages("aime", policy="p", prover="q", prm_backbone="r")
+    with pytest.raises(FileNotFoundError, match="--policy .*no such folder"):
+        recipe_stages("gsm8k", policy=str(tmp_path / "none"), prover="q", prm_backbone="r")
+
+
+def test_pipeline_cli_reports_bad_flags_without_a_traceback(tmp_path, capsys):
+    from hca.pipeline import main
+
+    with pytest.raises(SystemExit, match="error: --policy .*no such folder"):
+        main(["--recipe", "gsm8k", "--policy", str(tmp_path / "x"), "--prover", "y", "--prm-backbone", "z"])
