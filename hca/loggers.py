@@ -30,6 +30,9 @@ class OptionalWandbLogger(Logger):
         os.makedirs(save_dir, exist_ok=True)
         self._inner = WandbLogger(save_dir=save_dir, project=project, name=name, group=group, tags=tags,
                                   offline=(mode != "online"))
+        init = getattr(self._inner, "_wandb_init", {})
+        if init.get("anonymous") is None:  # Lightning passes anonymous=None, which wandb >= 0.2x warns about
+            init.pop("anonymous", None)
 
     @property
     def active(self) -> bool:

@@ -109,7 +109,7 @@ def sft_steps_format(folder: str, train_file: str, max_steps: int, seed: int, li
     data = SFTDataModule(tokenizer=folder, train_file=train_file, val_file=train_file, task="gsm8k",
                          batch_size=batch_size, max_length=384, seed=seed, solution_format="steps", limit=limit)
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        enable_progress_bar=True, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0)
     trainer.fit(module, data)
 
