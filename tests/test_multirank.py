@@ -176,7 +176,7 @@ def one_process_at_start(tmp_path, f0):
 
     L.seed_everything(0)
     module, dm = rl_build(data)
-    probe = Probe(record, lambda m: m.model, lambda b: [], lambda b: ([], False))
+    probe = Probe(record, lambda m: m.model, lambda b: [q.id for q in b], lambda b: ([q.id for q in b], False))
     L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=Recorder(record), enable_progress_bar=False,
               enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, callbacks=[probe],
               default_root_dir=str(tmp_path)).fit(module, dm)

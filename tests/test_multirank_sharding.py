@@ -11,7 +11,8 @@ import torch
 from builders import TINY, write_collection
 from test_policy import write_problems
 
-from hca.datamodules.bucketing import BucketBatchSampler, BucketLoader, eval_loader, rank_and_world
+from hca.datamodules.bucketing import BucketBatchSampler, BucketLoader
+from hca.datamodules.sharding import eval_loader, rank_and_world
 from hca.datamodules.rl_problems import ProblemDataModule
 from hca.datamodules.trajectories import TrajectoryDataModule
 from hca.modules.prm import PRMModule

@@ -21,6 +21,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from hca.datamodules.sft import ArithmeticData
+from hca.datamodules.sharding import rank_and_world
 from hca.problems import Problem, load_problems
 from hca.trajectories import file_sha256, list_shards
 
@@ -82,8 +83,7 @@ class ProblemChunkDataModule(L.LightningDataModule):
         hp = self.hparams
         self.problems, self.num_skipped = load_problems(hp.problems_file, hp.task, hp.skip_malformed, hp.limit)
         self.chunks = make_chunks(self.problems, hp.chunk_size)
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = rank_and_world(self.trainer)
         self.pending = pending_chunks(self.chunks, self.out_dir, rank, world)
 
     def identity(self) -> dict:

@@ -15,7 +15,7 @@ the same number of ranks.
 
 Validation on several ranks: the val problems are cut into fixed batches of ``val_batch_size`` in
 file order (:meth:`ProblemDataModule.val_batches`) and rank ``r`` validates batches ``r, r + W,
-...`` (:func:`hca.datamodules.bucketing.eval_loader`): every problem exactly once, and the policy
+...`` (:func:`hca.datamodules.sharding.eval_loader`): every problem exactly once, and the policy
 seeds each batch's sampling from its global index, so the samples are those of one process. Only
 when there would be fewer batches than ranks are they made smaller (``n // W`` problems, so that
 every rank has one; the samples then differ from one process's, not their distribution).
@@ -27,7 +27,7 @@ import dataclasses
 import lightning as L
 from torch.utils.data import DataLoader
 
-from hca.datamodules.bucketing import eval_loader, rank_and_world
+from hca.datamodules.sharding import eval_loader, rank_and_world
 from hca.datamodules.resumable import ResumableLoader
 from hca.datamodules.sft import ArithmeticData
 from hca.problems import Problem, load_problems

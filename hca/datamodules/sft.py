@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hca.datamodules.resumable import ResumableLoader
+from hca.datamodules.sharding import rank_and_world
 from hca.problems import Problem, load_problems
 from hca.modules.hparams import store_plain_hparams
 from hca.prompts import PromptFormat, render_problems
@@ -149,7 +150,7 @@ class SFTDataModule(L.LightningDataModule):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        rank, world = rank_and_world(self.trainer)
         return ResumableLoader(self.train_examples, batch_size=self.hparams.batch_size, seed=self.hparams.seed,
                                rank=rank, world_size=world, collate_fn=self._collate,
                                num_workers=self.hparams.num_workers, drop_last=True)

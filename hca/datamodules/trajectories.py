@@ -52,7 +52,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from hca.datamodules.bucketing import BucketLoader, eval_loader, rank_and_world
+from hca.datamodules.bucketing import BucketLoader
+from hca.datamodules.sharding import eval_loader, rank_and_world
 from hca.problems import Problem, load_problems
 from hca.steps import align_prompt_response
 from hca.trajectories import Trajectory, read_dataset

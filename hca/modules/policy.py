@@ -38,7 +38,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from hca.collect import verify_responses
 from hca.collect import derive_seed
-from hca.datamodules.bucketing import gather_objects, global_batch_index
+from hca.datamodules.sharding import gather_objects, global_batch_index
 from hca.modules.hparams import store_plain_hparams
 from hca.lora import LoraSettings, add_lora, merged_copy
 from hca.models import load_causal_lm, load_tokenizer, save_checkpoint
@@ -343,7 +343,7 @@ class HCAPolicyModule(L.LightningModule):
 
     def validation_step(self, problems: list[Problem], batch_idx: int):
         """Sample this rank's batch; the val loader gives rank ``r`` of ``W`` the fixed batches ``r, r
-        + W, ...`` (:func:`hca.datamodules.bucketing.global_batch_index`), combined at the epoch end."""
+        + W, ...`` (:func:`hca.datamodules.sharding.global_batch_index`), combined at the epoch end."""
         if self.validation is None:
             return
         world = self.trainer.world_size if self._trainer is not None else 1

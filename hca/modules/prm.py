@@ -42,7 +42,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanSquaredError, SpearmanCorrCoef
 from torchmetrics.classification import BinaryAUROC, BinaryF1Score
 
-from hca.datamodules.bucketing import gather_objects
+from hca.datamodules.sharding import gather_objects
 from hca.datamodules.trajectories import PRMBatch
 from hca.lora import LoraSettings
 from hca.modules.hparams import store_plain_hparams

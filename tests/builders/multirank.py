@@ -73,6 +73,11 @@ class Recorder(Logger):
         self.events(ev="log", step=step, metrics={k: float(v) for k, v in metrics.items()})
 
 
+def rows(batch) -> int:
+    """Examples in a batch: a list of problems (RL) or a PRMBatch (its ``input_ids [B, T]``)."""
+    return len(batch) if isinstance(batch, list) else int(batch.input_ids.shape[0])
+
+
 class Probe(L.Callback):
     def __init__(self, events: Events, model_of, train_ids, val_ids, reference=None, ref_at_start=False):
         self.events, self.model_of, self.train_ids, self.val_ids = events, model_of, train_ids, val_ids
@@ -96,10 +101,15 @@ class Probe(L.Callback):
             self._ref(trainer, pl_module, "start")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.events(ev="batch", step=trainer.global_step, ids=self.train_ids(batch))
+        ids = self.train_ids(batch)
+        # the recorded ids must be this batch's (the PRM's come from a FIFO of collated batches), or the
+        # test's disjointness and coverage checks would judge other examples than were trained on
+        assert len(ids) == rows(batch), f"rank {trainer.global_rank}: {len(ids)} ids recorded for {rows(batch)} rows"
+        self.events(ev="batch", step=trainer.global_step, ids=ids)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         ids, padding = self.val_ids(batch)
+        assert len(ids) == rows(batch), f"rank {trainer.global_rank}: {len(ids)} val ids for {rows(batch)} rows"
         self.events(ev="val", step=trainer.global_step, ids=ids, padding=padding)
 
     def on_validation_end(self, trainer, pl_module):
@@ -141,6 +151,7 @@ def rl_reference(trainer, module):
             sums[f"val/{k}"] = sums.get(f"val/{k}", 0.0) + v * len(problems)
         count += len(problems)
     module.model.train(was_training)
+    assert count == len(trainer.datamodule.val_problems), "the reference must score every validation problem"
     return {k: v / count for k, v in sums.items()}
 
 
@@ -173,12 +184,16 @@ def run_rl(data: Path, out: Path, rank: int) -> None:
     module, dm = rl_build(data)
     ev = Events(out / f"rl-full-rank{rank}.jsonl")
     max_steps, ckpt_every = RL_STEPS * RL_UPDATES_PER_STEP, RL_CKPT_AT * RL_UPDATES_PER_STEP
-    trainer(ev, max_steps, 2, out / "ckpt-rl", ckpt_every, probe(ev)).fit(module, dm)
+    full = trainer(ev, max_steps, 2, out / "ckpt-rl", ckpt_every, probe(ev))
+    full.fit(module, dm)
+    assert full.global_step == max_steps and module.rl_step == RL_STEPS
     L.seed_everything(1)  # other initial weights and ambient RNG: everything must come from the checkpoint
     module, dm = rl_build(data)
     ev = Events(out / f"rl-resume-rank{rank}.jsonl")
     ckpt = out / "ckpt-rl" / f"step={ckpt_every}.ckpt"  # a DeepSpeed checkpoint folder
-    trainer(ev, max_steps, 2, probe=probe(ev)).fit(module, dm, ckpt_path=str(ckpt))
+    resumed = trainer(ev, max_steps, 2, probe=probe(ev))
+    resumed.fit(module, dm, ckpt_path=str(ckpt))
+    assert resumed.global_step == max_steps and module.rl_step == RL_STEPS  # resumed at step 2, ran to the end
 
 
 # ---------------------------------------------------------------------------------- PRM
@@ -238,12 +253,15 @@ def run_prm(data: Path, out: Path, rank: int) -> None:
     L.seed_everything(0)
     module, dm = prm_build(data)
     ev = Events(out / f"prm-full-rank{rank}.jsonl")
-    trainer(ev, PRM_STEPS, PRM_CKPT_AT, out / "ckpt-prm", PRM_CKPT_AT, probe(ev, dm)).fit(module, dm)
+    full = trainer(ev, PRM_STEPS, PRM_CKPT_AT, out / "ckpt-prm", PRM_CKPT_AT, probe(ev, dm))
+    full.fit(module, dm)
+    assert full.global_step == PRM_STEPS
     L.seed_everything(1)
     module, dm = prm_build(data)
     ev = Events(out / f"prm-resume-rank{rank}.jsonl")
-    trainer(ev, PRM_STEPS, PRM_CKPT_AT, probe=probe(ev, dm)).fit(
-        module, dm, ckpt_path=str(out / "ckpt-prm" / f"step={PRM_CKPT_AT}.ckpt"))
+    resumed = trainer(ev, PRM_STEPS, PRM_CKPT_AT, probe=probe(ev, dm))
+    resumed.fit(module, dm, ckpt_path=str(out / "ckpt-prm" / f"step={PRM_CKPT_AT}.ckpt"))
+    assert resumed.global_step == PRM_STEPS and not dm.train_fifo  # every collated batch was trained on
 
 
 if __name__ == "__main__":
