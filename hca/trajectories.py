@@ -55,7 +55,7 @@ class Trajectory:
     progress: list[float | None]  # [K] P_k = V(h_k) - V(h_{k-1}), P_K = outcome - V(h_{K-1}); None: undefined
     labeled_steps: int  # steps 1..labeled_steps have progress (K when fully labeled)
     step_correct: list[bool] | None  # [K] ground-truth step correctness (arithmetic task), else None
-    seed: int  # collection seed; with chunk_id it fixes every sampling seed (hca.collect.derive_seed)
+    seed: int  # collection seed; with chunk_id it fixes every sampling seed (hca.seeds.derive_seed)
     chunk_id: int  # chunk of problems this record was collected in (its shard)
 
     @property

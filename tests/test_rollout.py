@@ -1,4 +1,5 @@
-"""Tests of the rollout engine (hca/rollout.py) on a tiny random Llama with the char tokenizer."""
+"""Tests of the rollout engine (hca/rollout/hf.py) on a tiny random Llama with the char tokenizer, and of
+the sampling settings (hca/rollout/base.py)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -8,7 +9,9 @@ import torch
 
 from hca.credit import token_entropy
 from hca.models import char_tokenizer, tiny_llama
-from hca.rollout import HFRolloutEngine, RolloutBatch, RolloutEngine, SamplingParams, sequence_logprobs
+from hca.logprobs import sequence_logprobs
+from hca.rollout import HFRolloutEngine, RolloutBatch, RolloutEngine, SamplingParams
+from hca.rollout.hf import _forward_kwargs
 
 PROMPTS = ["Q:1+2\n", "Q:17*3-4\n", "Q:5\n", "Q:123+45*6-7+8\n"]  # different lengths
 
@@ -42,14 +45,16 @@ class Forced(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
         self.calls.append(tuple(input_ids.shape))
+        cache_kw, _ = _forward_kwargs(self.inner)  # "cache" (newer transformers 5.x) or "past_key_values"
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=past_key_values, use_cache=use_cache)
+                         use_cache=use_cache, **{cache_kw: past_key_values})
         logits = out.logits.clone()
         for t, b in self.bias.items():
             logits[..., t] += b
         for q, t in self.forced.items():
             logits[..., t] += 1e6 * (position_ids == q).to(logits.dtype)
-        return SimpleNamespace(logits=logits, past_key_values=out.cache)
+        cache = getattr(out, "cache", None)
+        return SimpleNamespace(logits=logits, past_key_values=out.past_key_values if cache is None else cache)
 
 
 def _check_layout(b: RolloutBatch, tok, num_prompts: int, n: int, max_new: int):
@@ -274,6 +279,22 @@ def test_validation_and_edge_cases(model, tok):
     assert b.finish_reason[0] in ("length", "eos") and (b.finish_reason[0] == "eos" or b.response_mask[0].sum() == 6)
     empty = eng.generate([], SamplingParams(n=3))
     assert len(empty) == 0 and empty.response_ids.shape == (0, 0)
+
+
+def test_sampling_settings_coerce_refuses_what_the_stage_sets():
+    assert SamplingParams.coerce(None) == SamplingParams()
+    assert SamplingParams.coerce(None, max_new_tokens=9) == SamplingParams(max_new_tokens=9)
+    assert SamplingParams.coerce({"temperature": 0.5}, max_new_tokens=9) == SamplingParams(max_new_tokens=9, temperature=0.5)
+    assert SamplingParams.coerce({"stop": ["\n"]}).stop == ("\n",)
+    p = SamplingParams(max_new_tokens=7)
+    assert SamplingParams.coerce(p) is p and p.call(3, 11) == SamplingParams(max_new_tokens=7, n=3, seed=11)
+    for bad in ({"n": 4}, {"seed": 3}, SamplingParams(n=2)):
+        with pytest.raises(ValueError, match=r"^model\.init_args\.sampling: n and seed are set by the stage"):
+            SamplingParams.coerce(bad, "model.init_args.sampling")
+    with pytest.raises(ValueError, match=r"^scorer\.sampling: unknown sampling settings \['max_batch_size'\]"):
+        SamplingParams.coerce({"max_new_tokens": 8, "max_batch_size": 256}, "scorer.sampling")
+    with pytest.raises(TypeError, match="collection.policy must be a SamplingParams or a mapping"):
+        SamplingParams.coerce(64, "collection.policy")
 
 
 def test_mode_restored_and_progress(model, tok):

@@ -6,6 +6,8 @@ Public API
     Whether ``response`` (a model's full output) ends in an answer equal to ``reference``.
 ``batch_is_correct(responses, references, task) -> list[bool]``
     The same over parallel lists (duplicate slow-path comparisons are computed once).
+``verify_responses(texts, problems) -> list[bool]``
+    The same against problems (``.task``, ``.answer``), grouped by task.
 ``extract_answer(response, task) -> str | None``
     The response's final answer as a *canonical* string (equal answers give equal strings, e.g.
     ``"18"`` for ``"18.0"``, ``"1000"`` for ``"$1,000"``, ``"0.5"`` for ``\\dfrac12``, ``"1/3"``
@@ -266,6 +268,19 @@ def batch_is_correct(responses: Sequence[str], references: Sequence[str], task: 
             verdicts = iter([False] * len(slow))
         out = [x if isinstance(x, bool) else next(verdicts) for x in out]
     return [bool(x) for x in out]
+
+
+def verify_responses(texts: Sequence[str], problems: Sequence) -> list[bool]:
+    """Whether ``texts[i]`` answers ``problems[i]`` (anything with ``.task`` and ``.answer``, e.g. a
+    :class:`hca.problems.Problem`): :func:`batch_is_correct` grouped by task (a batch may mix tasks)."""
+    out = [False] * len(texts)
+    by_task: dict[str, list[int]] = {}
+    for i, p in enumerate(problems):
+        by_task.setdefault(p.task, []).append(i)
+    for task, idx in by_task.items():
+        for i, ok in zip(idx, batch_is_correct([texts[i] for i in idx], [problems[i].answer for i in idx], task)):
+            out[i] = ok
+    return out
 
 
 def extract_answer(response: str, task: str) -> str | None:

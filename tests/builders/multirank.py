@@ -138,7 +138,7 @@ def trainer(events, max_steps, val_every, ckpt_dir=None, ckpt_every=None, probe=
 # ---------------------------------------------------------------------------------- RL
 def rl_reference(trainer, module):
     """One process over all validation batches: seeds and weights as the ranks', weighted by problems."""
-    from hca.collect import derive_seed
+    from hca.seeds import derive_seed
     from hca.evaluation import evaluate_policy
 
     cfg, sums, count = module.validation, {}, 0

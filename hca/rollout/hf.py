@@ -1,9 +1,8 @@
-"""The rollout engine: batched sampling with per-token log-probs and entropies.
+"""The HF engine: batched sampling over any torch causal LM, with per-token log-probs and entropies.
 
-One engine serves evaluation, Monte Carlo prover collection (thousands of short completions from
-many prefixes) and RL (``n`` samples per prompt). Callers depend only on :class:`RolloutEngine`
-(``generate(prompts, params) -> RolloutBatch``), so another backend (e.g. vLLM) can be added
-without touching them. :class:`HFRolloutEngine` runs any causal LM with a hand-written decode loop:
+The tiny CPU default's engine, and the one that trains in place (it samples from the very module
+being optimized, so it never needs a weight sync). :class:`HFRolloutEngine` runs a hand-written
+decode loop:
 
 * prompts are sorted by length, cut into sub-batches of at most ``max_batch_size`` samples,
   left-padded (``attention_mask`` + explicit ``position_ids``) and prefilled **once per unique
@@ -23,111 +22,18 @@ without touching them. :class:`HFRolloutEngine` runs any causal LM with a hand-w
 
 Same prompts, params (with a seed) and ``max_batch_size`` give identical outputs (the chunking
 into sub-batches changes the random stream, so a different ``max_batch_size`` does too).
-:func:`sequence_logprobs` (defined in :mod:`hca.logprobs`, re-exported here) recomputes the same
-log-probs / entropies by teacher forcing (with gradients, without a full-vocabulary fp32 logits
-tensor), for RL training.
+:func:`hca.logprobs.sequence_logprobs` recomputes the same log-probs / entropies by teacher forcing
+(with gradients, without a full-vocabulary fp32 logits tensor), for RL training.
 """
 from __future__ import annotations
 
 import inspect
-import math
-import warnings
-from dataclasses import dataclass, fields
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Sequence
 
 import torch
 
 from hca.credit import token_entropy
-from hca.logprobs import sequence_logprobs  # noqa: F401  (re-export: the training-side log-probs live there)
-
-FINISH_REASONS = ("eos", "stop", "length")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample. ``temperature`` also defines the distribution whose log-probs and entropies
-    are recorded (even when ``greedy``); ``top_p`` only truncates what is sampled from."""
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()  # stop strings; a sample stops once its text contains one
-    n: int = 1  # samples per prompt
-    seed: int | None = None  # None: drawn from torch's global RNG
-    greedy: bool = False  # argmax decoding (``n`` samples are then identical)
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        t = self.temperature
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-            raise ValueError(f"temperature must be a finite number > 0 (greedy=True for argmax), got {t!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
-
-
-@dataclass
-class RolloutBatch:
-    """``N = num_prompts * n`` samples; the ``n`` samples of a prompt are contiguous, in prompt order.
-    Tensors are right-padded to ``T`` = the longest response; padding has mask False, id ``pad_token_id``
-    and log-prob / entropy 0."""
-
-    prompt_index: torch.Tensor  # [N] long: index of the input prompt of each sample
-    prompt_ids: list[list[int]]  # N lists (per sample; the n samples of a prompt share one list object)
-    response_ids: torch.Tensor  # [N, T] long, right-padded with pad_token_id
-    response_mask: torch.Tensor  # [N, T] bool: generated tokens, including the EOS token if emitted
-    logprobs: torch.Tensor  # [N, T] float32: log_softmax(logits / temperature)[token], before top-p
-    entropy: torch.Tensor  # [N, T] float32: entropy (nats) of softmax(logits / temperature)
-    finish_reason: list[str]  # N, each in FINISH_REASONS
-    texts: list[str]  # N decoded responses (special tokens skipped; cut right after a stop string)
-    pad_token_id: int = 0
-
-    def __len__(self) -> int:
-        return self.response_ids.shape[0]
-
-    @property
-    def num_generated_tokens(self) -> int:
-        return int(self.response_mask.sum())
-
-    @property
-    def response_lengths(self) -> torch.Tensor:  # [N] long
-        return self.response_mask.sum(-1)
-
-    def to(self, device: torch.device | str) -> "RolloutBatch":
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return RolloutBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
-
-    def model_inputs(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``(input_ids [N, P+T], attention_mask [N, P+T], response_start=P)``: prompts left-padded
-        to ``P``, then the responses, ready for :func:`sequence_logprobs`."""
-        N, T = self.response_ids.shape
-        P = max((len(p) for p in self.prompt_ids), default=0)
-        prompt = torch.full((N, P), self.pad_token_id, dtype=torch.long)
-        pmask = torch.zeros((N, P), dtype=torch.bool)
-        for i, p in enumerate(self.prompt_ids):
-            if p:
-                prompt[i, P - len(p):] = torch.tensor(p)
-                pmask[i, P - len(p):] = True
-        dev = self.response_ids.device
-        ids = torch.cat([prompt.to(dev), self.response_ids], 1)
-        return ids, torch.cat([pmask.to(dev), self.response_mask], 1).long(), P
-
-
-@runtime_checkable
-class RolloutEngine(Protocol):
-    """What callers use; a vLLM backend implements the same method."""
-
-    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams, *,
-                 progress: bool = False) -> RolloutBatch: ...
+from hca.rollout.base import RolloutBatch, SamplingParams, encode_prompts, token_budgets
 
 
 def _forward_kwargs(model) -> tuple[str, bool]:
@@ -166,6 +72,8 @@ class HFRolloutEngine:
     for GPUs and is untested (no GPU in CI, and compiling is too slow for the CPU suite).
     """
 
+    records_entropy = True
+    samples_live_weights = True  # samples from the training module itself: nothing to sync
     compact_ratio = 0.75  # drop finished rows once at most this fraction of the batch rows is live
 
     def __init__(self, model, tokenizer, max_batch_size: int = 256, use_static_cache: bool = False,
@@ -209,9 +117,9 @@ class HFRolloutEngine:
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams | None = None, *,
                  progress: bool | None = None) -> RolloutBatch:
         params = params or SamplingParams()
-        pids = self._encode(prompts)
+        pids = encode_prompts(self.tokenizer, prompts)
         n, N = params.n, len(pids) * params.n
-        budgets = self._budgets(pids, params.max_new_tokens)
+        budgets = token_budgets(pids, params.max_new_tokens, self.max_positions, "max_position_embeddings")
         # Samples in order of decreasing prompt length (stable), cut into sub-batches.
         order = sorted(range(len(pids)), key=lambda i: -len(pids[i]))
         samples = [i for i in order for _ in range(n)]
@@ -242,32 +150,6 @@ class HFRolloutEngine:
         return self._assemble(parts, pids, n)
 
     # ------------------------------------------------------------------ helpers
-    def _encode(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence):
-            raise TypeError("prompts must be a list of strings or a list of token-id lists")
-        if all(isinstance(p, str) for p in prompts):
-            if not prompts:
-                return []
-            return [list(x) for x in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
-        if all(isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in prompts):
-            if any(len(p) == 0 for p in prompts):
-                raise ValueError("token-id prompts must hold at least one token")
-            return [list(p) for p in prompts]
-        raise TypeError("prompts must be all strings or all lists of ints")
-
-    def _budgets(self, pids, max_new: int) -> list[int]:
-        if self.max_positions is None or not pids:
-            return [max_new] * len(pids)
-        budgets = [min(max_new, self.max_positions - len(p)) for p in pids]
-        if any(b < 1 for b in budgets):
-            raise ValueError(f"a prompt of {max(map(len, pids))} tokens leaves no room to generate within the "
-                             f"model's max_position_embeddings={self.max_positions}")
-        if min(budgets) < max_new:
-            warnings.warn(f"max_new_tokens={max_new} clamped per prompt to max_position_embeddings="
-                          f"{self.max_positions} - prompt length (down to {min(budgets)}); those samples finish "
-                          "with 'length'", stacklevel=3)
-        return budgets
-
     def _stop_candidates(self, stop: tuple[str, ...]) -> torch.Tensor:
         """[V] bool: tokens whose text could complete a stop string (contains a stop string's last
         character, or decodes to nothing / a partial character on its own)."""
