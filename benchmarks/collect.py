@@ -31,7 +31,7 @@ import torch
 from hca.collect import CollectionConfig, label_chunk
 from hca.models import char_tokenizer, load_causal_lm, load_tokenizer, tiny_llama
 from hca.problems import load_problems
-from hca.rollout import HFRolloutEngine
+from hca.rollout import HFRolloutEngine, SamplingParams
 from hca.tasks.arithmetic import ensure_split_files
 from hca.verify import batch_is_correct
 
@@ -63,10 +63,10 @@ def load(which: str):
 def naive(problems, policy, ptok, prover, vtok, cfg, prefixes) -> tuple[float, int]:
     """Per-problem policy generate, then per-prefix prover generate + verification. Returns
     (seconds, generated tokens)."""
-    def gen(model, tok, text, n, max_new):
+    def gen(model, tok, text, n, sampling):
         ids = tok(text, return_tensors="pt")
-        out = model.generate(**ids, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
-                             num_return_sequences=n, max_new_tokens=max_new, pad_token_id=tok.pad_token_id,
+        out = model.generate(**ids, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                             num_return_sequences=n, max_new_tokens=sampling.max_new_tokens, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
         new = out[:, ids["input_ids"].shape[1]:]
         is_eos = new == tok.eos_token_id
@@ -77,11 +77,11 @@ def naive(problems, policy, ptok, prover, vtok, cfg, prefixes) -> tuple[float, i
     t0 = time.perf_counter()
     with torch.inference_mode():
         for p in problems:
-            texts, k, _ = gen(policy, ptok, p.prompt, cfg.num_responses, cfg.max_new_tokens)
+            texts, k, _ = gen(policy, ptok, p.prompt, cfg.num_responses, cfg.policy)
             tokens += k
             batch_is_correct(texts, [p.answer] * len(texts), p.task)
         for p, prefix in prefixes:
-            texts, k, ended = gen(prover, vtok, p.prompt + prefix, cfg.num_rollouts, cfg.prover_max_new_tokens or cfg.max_new_tokens)
+            texts, k, ended = gen(prover, vtok, p.prompt + prefix, cfg.num_rollouts, cfg.prover)
             tokens += k
             ok = batch_is_correct([prefix + t for t in texts], [p.answer] * len(texts), p.task)
             sum(a and e for a, e in zip(ok, ended))
@@ -104,7 +104,7 @@ def main():
     print(f"policy: {pdesc}\nprover: {vdesc}\nthreads: {args.threads}, engine max_batch_size: {args.max_batch_size}")
     val = ensure_split_files("runs/data/arithmetic")["val"]
     problems, _ = load_problems(val, limit=args.problems)
-    cfg = CollectionConfig(num_responses=4, num_rollouts=4, max_new_tokens=64, delimiter="\n")
+    cfg = CollectionConfig(num_responses=4, num_rollouts=4, policy=SamplingParams(max_new_tokens=64), delimiter="\n")
     pe, ve = (HFRolloutEngine(policy, ptok, max_batch_size=args.max_batch_size),
               HFRolloutEngine(prover, vtok, max_batch_size=args.max_batch_size))
     label_chunk(problems[:4], pe, ve, cfg, seed=99)  # warm-up

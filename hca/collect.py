@@ -21,13 +21,13 @@ response whose ``V̂(h_r)`` is 0 (no prover completion correct) gets no further 
 ``h_{r+1} .. h_{K-1}`` stay unlabeled (``None``), and so does the progress that needs them.
 ``h_0`` is not a step: ``V̂(h_0) = 0`` stops nothing (a step can unlock an unsolved problem).
 
-Seeds: every engine call of a chunk is seeded by :func:`derive_seed` from ``(seed, chunk_id,
+Seeds: every engine call of a chunk is seeded by :func:`hca.seeds.derive_seed` from ``(seed, chunk_id,
 stream)``, so a chunk's records depend neither on the rank that labels it nor on restarts (given
-the same engines, ``max_batch_size`` and device).
+the same engine kind and settings -- for HF, ``engine.max_batch_size`` -- and device).
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -40,7 +40,8 @@ from hca.problems import Problem
 from hca.rollout import SamplingParams
 from hca.steps import prefix_text, split_steps, step_texts
 from hca.trajectories import FORMAT_VERSION, Trajectory
-from hca.verify import batch_is_correct
+from hca.seeds import derive_seed
+from hca.verify import verify_responses
 
 
 @dataclass(frozen=True)
@@ -50,41 +51,37 @@ class CollectionConfig:
     num_responses: int = 4  # N: policy responses per problem
     num_rollouts: int = 4  # M: prover completions per prefix h_k, 0 < k < K
     num_rollouts_h0: int | None = None  # prover completions of h_0 (once per problem); None: M
-    max_new_tokens: int = 64  # policy response budget (a response cut here is kept, outcome 0)
-    temperature: float = 1.0  # policy sampling temperature
-    top_p: float = 1.0  # policy nucleus sampling
-    prover_max_new_tokens: int | None = None  # prover completion budget; None: max_new_tokens
-    prover_temperature: float = 1.0  # prover sampling temperature
-    prover_top_p: float = 1.0  # prover nucleus sampling
+    policy: SamplingParams | None = None  # the policy's responses (a response cut at its budget is kept, outcome 0); None: defaults
+    prover: SamplingParams | None = None  # the prover's completions (one cut at its budget counts as wrong); None: as policy
     delimiter: str = "\n\n"  # step delimiter (the arithmetic task uses "\n")
     best_of_k: int = 1  # prover transform V = 1 - (1 - V_mc)^K on the MC estimate (1: none); counts stay raw
     first_pit: bool = False  # stop labelling a response after its first step with V̂ = 0
     dedupe: bool = True  # estimate identical prefix texts of one problem once
 
     def __post_init__(self):
-        for name in ("num_responses", "num_rollouts", "max_new_tokens", "best_of_k"):
+        for name in ("num_responses", "num_rollouts", "best_of_k"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("num_rollouts_h0", "prover_max_new_tokens"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        v = self.num_rollouts_h0
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"num_rollouts_h0 must be None or an int >= 1, got {v!r}")
         if not isinstance(self.delimiter, str) or not self.delimiter:
             raise ValueError("delimiter must be a non-empty string")
-        self.policy_params(0), self.prover_params(0, 1)  # validates temperatures and top_p
+        policy = SamplingParams.coerce(self.policy, "collection.policy")
+        object.__setattr__(self, "policy", policy)
+        object.__setattr__(self, "prover", policy if self.prover is None else
+                           SamplingParams.coerce(self.prover, "collection.prover"))
 
     @property
     def rollouts_h0(self) -> int:
         return self.num_rollouts if self.num_rollouts_h0 is None else self.num_rollouts_h0
 
     def policy_params(self, seed: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              n=self.num_responses, seed=seed)
+        return self.policy.call(self.num_responses, seed)
 
     def prover_params(self, seed: int, n: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.prover_max_new_tokens or self.max_new_tokens,
-                              temperature=self.prover_temperature, top_p=self.prover_top_p, n=n, seed=seed)
+        return self.prover.call(n, seed)
 
     def transform(self, correct: int, total: int) -> float:
         """The prover value from MC counts: ``1 - (1 - c/t)^best_of_k`` (``c/t`` when ``best_of_k = 1``)."""
@@ -92,13 +89,8 @@ class CollectionConfig:
         return v if self.best_of_k == 1 else 1.0 - (1.0 - v) ** self.best_of_k
 
     def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def derive_seed(seed: int, chunk_id: int, stream: str) -> int:
-    """A 62-bit seed from ``(seed, chunk_id, stream)`` (sha256; independent of rank and run)."""
-    digest = hashlib.sha256(f"{seed}/{chunk_id}/{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**62 - 1)
+        """Plain JSON types (stop strings as lists), as the manifest stores them."""
+        return json.loads(json.dumps(asdict(self)))
 
 
 @dataclass
@@ -133,18 +125,6 @@ class ChunkStats:
     def from_dict(cls, d: dict) -> "ChunkStats":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def verify_responses(texts: Sequence[str], problems: Sequence[Problem]) -> list[bool]:
-    """``batch_is_correct`` grouped by task (a chunk may mix tasks)."""
-    out = [False] * len(texts)
-    by_task: dict[str, list[int]] = {}
-    for i, p in enumerate(problems):
-        by_task.setdefault(p.task, []).append(i)
-    for task, idx in by_task.items():
-        for i, ok in zip(idx, batch_is_correct([texts[i] for i in idx], [problems[i].answer for i in idx], task)):
-            out[i] = ok
-    return out
 
 
 def _step_correct(problem: Problem, response: str, delimiter: str) -> list[bool] | None:

@@ -307,6 +307,29 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
     return kl if mask is None else torch.where(mask, kl, torch.zeros_like(kl))
 
 
+def truncated_is_weights(old_logp: Tensor, behaviour_logp: Tensor, mask: Tensor, cap: float
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings
+    you off-policy RL training") for samples drawn by an inference engine whose probabilities differ
+    from the trainer's: ``w = min(exp(old_logp - behaviour_logp), cap)`` per token.
+
+    ``old_logp`` (the trainer's teacher-forced log-probs of the samples, pi_old), ``behaviour_logp``
+    (the sampling engine's), ``mask [N, T]`` -> ``(w [N, T], metrics)``; ``w = 1`` where masked out.
+    The log-ratio is clamped like the PPO ratio. Metrics: ``tis_weight_mean`` and ``tis_clip_frac``
+    (fraction of masked-in tokens where the cap bit), 0 when nothing is masked in.
+    """
+    if not cap > 0:
+        raise ValueError(f"the importance-weight cap must be > 0, got {cap!r}")
+    mask = mask.bool()
+    zero = torch.zeros_like(old_logp)
+    log_ratio = (torch.where(mask, old_logp, zero) - torch.where(mask, behaviour_logp.to(old_logp.dtype), zero))
+    raw = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    w = torch.where(mask, raw.clamp(max=cap), torch.ones_like(raw))
+    count = mask.sum().clamp_min(1)
+    metrics = {"tis_weight_mean": (w * mask).sum() / count, "tis_clip_frac": ((raw > cap) & mask).sum() / count}
+    return w, metrics
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -316,8 +339,12 @@ def policy_loss(
     clip_high: float = 0.2,
     agg: str = "token_mean",
     max_len: int | None = None,
+    token_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate ``-min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A)``, aggregated.
+
+    ``token_weight [N, T]`` (optional, no gradient): a per-token factor on the surrogate before
+    aggregation, e.g. the truncated importance weights of :func:`truncated_is_weights`.
 
     ``logp, old_logp, advantages, mask [N, T]`` -> ``(loss, metrics)``, ``rho = exp(logp - old_logp)``
     (log-ratio clamped to [-20, 20]).  Positions with ``mask = False`` influence neither the loss
@@ -337,7 +364,10 @@ def policy_loss(
     adv = torch.where(mask, advantages.to(logp.dtype), zero)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, agg, max_len)
+    per_token = torch.maximum(unclipped, clipped)
+    if token_weight is not None:
+        per_token = per_token * torch.where(mask, token_weight.detach().to(logp.dtype), zero)
+    loss = aggregate(per_token, mask, agg, max_len)
 
     with torch.no_grad():
         count = mask.sum().clamp_min(1)

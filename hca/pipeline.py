@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="recipe: output folder (default runs/<recipe>)")
     ap.add_argument("--scale", choices=("full", "tiny"), default="full", help="recipe: the YAML sizes, or CPU smoke sizes")
     ap.add_argument("--tiny", action="store_true", help="recipe: build and use tiny real-format models (hca.tiny_models)")
+    ap.add_argument("--engine", choices=("hf", "vllm", "auto"), help="recipe: rollout engine of collection, RL and "
+                    "evaluation (default: the YAMLs' engine.engine)")
     a = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     from hca.console import quiet_console
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.recipe:
         plan = "hca.recipes:recipe_stages"
         plan_args = {"recipe": a.recipe, "policy": a.policy, "prover": a.prover, "prm_backbone": a.prm_backbone,
-                     "out": a.out, "scale": a.scale, "tiny": a.tiny}
+                     "out": a.out, "scale": a.scale, "tiny": a.tiny, "engine": a.engine}
         log_dir = f"{a.out or 'runs/' + a.recipe}/logs"
     try:
         stages = load_plan(plan, plan_args)

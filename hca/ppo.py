@@ -44,6 +44,7 @@ class PPOConfig:
     truncation: str = "zero_reward"  # responses cut at the token budget: "zero_reward" | "mask" (see rl_batch)
     recompute_old_logp: bool = False  # recompute behaviour log-probs by teacher forcing before updating
     logprob_chunk_size: int | None = DEFAULT_CHUNK_TOKENS  # scored tokens per LM-head chunk (hca.logprobs); None: full logits
+    tis_cap: float | None = None  # engine samples (vLLM): weight tokens by min(pi_old / pi_engine, cap); None: off
 
     def __post_init__(self):
         for name in ("group_size", "ppo_epochs"):
@@ -58,6 +59,8 @@ class PPOConfig:
         if self.logprob_chunk_size is not None and (not isinstance(self.logprob_chunk_size, int)
                                                     or self.logprob_chunk_size < 1):
             raise ValueError(f"logprob_chunk_size must be None or an int >= 1, got {self.logprob_chunk_size!r}")
+        if self.tis_cap is not None and not self.tis_cap >= 1:
+            raise ValueError(f"tis_cap must be None or >= 1 (a cap below 1 down-weights every token), got {self.tis_cap!r}")
         if self.clip_low < 0 or self.clip_high < 0 or self.kl_coef < 0:
             raise ValueError("clip_low, clip_high and kl_coef must be >= 0")
 
@@ -78,7 +81,7 @@ def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len:
     logp, _ = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_start, temperature,
                                 chunk_size=cfg.logprob_chunk_size)
     loss, metrics = policy_loss(logp, batch.old_logp, batch.advantages, batch.loss_mask, cfg.clip_low,
-                                cfg.clip_high, cfg.agg, max_len)
+                                cfg.clip_high, cfg.agg, max_len, token_weight=batch.is_weight)
     metrics["pg_loss"] = loss.detach()
     if batch.ref_logp is not None:
         kl = aggregate(kl_k3(logp, batch.ref_logp, batch.loss_mask), batch.loss_mask, cfg.agg, max_len)
@@ -89,15 +92,25 @@ def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len:
 
 
 @torch.no_grad()
+def teacher_forced(model, input_ids: Tensor, attention_mask: Tensor, response_start: int, response_mask: Tensor,
+                   rows_per_pass: int, temperature: float, logprob_chunk_size: int | None = DEFAULT_CHUNK_TOKENS,
+                   with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``(logp [N, T], entropy [N, T] or None)`` of the responses under ``model``, no gradient,
+    ``rows_per_pass`` rows per forward pass, ``logprob_chunk_size`` scored tokens per LM-head chunk
+    (None: full logits); 0 on padding (``response_mask`` False)."""
+    lps, ents = [], []
+    for rows in torch.arange(input_ids.shape[0], device=input_ids.device).split(max(1, rows_per_pass)):
+        lp, ent = sequence_logprobs(model, input_ids[rows], attention_mask[rows], response_start, temperature,
+                                    chunk_size=logprob_chunk_size, with_entropy=with_entropy)
+        lps.append(lp)
+        ents.append(ent)
+    zero = torch.zeros((), device=response_mask.device)
+    logp = torch.where(response_mask, torch.cat(lps), zero)
+    return logp, (torch.where(response_mask, torch.cat(ents), zero) if with_entropy else None)
+
+
 def frozen_logprobs(model, batch: RLBatch, chunk_size: int, temperature: float,
                     logprob_chunk_size: int | None = DEFAULT_CHUNK_TOKENS) -> Tensor:
-    """``[N, T]`` teacher-forced log-probs of the batch's responses under ``model``, no gradient,
-    ``chunk_size`` rows per forward pass, ``logprob_chunk_size`` scored tokens per LM-head chunk
-    (None: full logits); 0 on padding."""
-    parts = []
-    for rows in torch.arange(len(batch), device=batch.device).split(max(1, chunk_size)):
-        lp, _ = sequence_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], batch.response_start,
-                                  temperature, chunk_size=logprob_chunk_size)
-        parts.append(lp)
-    logp = torch.cat(parts)
-    return torch.where(batch.response_mask, logp, torch.zeros_like(logp))
+    """``[N, T]`` teacher-forced log-probs of the batch's responses under ``model`` (:func:`teacher_forced`)."""
+    return teacher_forced(model, batch.input_ids, batch.attention_mask, batch.response_start, batch.response_mask,
+                          chunk_size, temperature, logprob_chunk_size)[0]

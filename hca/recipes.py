@@ -72,8 +72,8 @@ def math_split(out_dir: str = "runs/data/math", test_fraction: float = 0.2) -> t
 TINY: dict[str, dict[str, Any]] = {
     "collect": {"trainer.accelerator": "cpu", "model.init_args.dtype": "float32", "model.init_args.num_threads": None,
                 "model.init_args.collection.num_responses": 2, "model.init_args.collection.num_rollouts": 2,
-                "model.init_args.collection.num_rollouts_h0": 2, "model.init_args.collection.max_new_tokens": 48,
-                "model.init_args.collection.prover_max_new_tokens": 48, "data.init_args.limit": 8,
+                "model.init_args.collection.num_rollouts_h0": 2, "model.init_args.collection.policy.max_new_tokens": 48,
+                "model.init_args.collection.prover.max_new_tokens": 48, "data.init_args.limit": 8,
                 "data.init_args.chunk_size": 4},
     "prm": {"trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.precision": "32-true", "trainer.max_steps": 6,
             "trainer.val_check_interval": 3, "trainer.accumulate_grad_batches": 1, "trainer.log_every_n_steps": 1,
@@ -114,9 +114,10 @@ def check_model_folder(path: str, role: str, flag: str) -> None:
 
 def recipe_stages(recipe: str = "gsm8k", policy: str | None = None, prover: str | None = None,
                   prm_backbone: str | None = None, out: str | None = None, scale: str = "full",
-                  tiny: bool = False) -> list[Stage]:
+                  tiny: bool = False, engine: str | None = None) -> list[Stage]:
     """The stages of a recipe (module docstring). ``tiny``: build the tiny real-format models
-    (:mod:`hca.tiny_models`) into ``runs/tiny`` first and use them (implies ``scale="tiny"``)."""
+    (:mod:`hca.tiny_models`) into ``runs/tiny`` first and use them (implies ``scale="tiny"``).
+    ``engine``: the rollout engine of collection, RL and evaluation (``hf | vllm | auto``); None: the YAMLs'."""
     known = recipes()
     if recipe not in known:
         raise ValueError(f"--recipe {recipe!r}: unknown; valid: {sorted(known)}")
@@ -142,7 +143,7 @@ def recipe_stages(recipe: str = "gsm8k", policy: str | None = None, prover: str 
     if recipe == "math":
         stages.append(Stage(name="data", title="MATH-500 split into train/test (runs/data/math)",
                             outputs=[r.train_file, r.test_file], run=math_split))
-    cfg = stage_configs(recipe, policy, prover, prm_backbone, out, scale)
+    cfg = stage_configs(recipe, policy, prover, prm_backbone, out, scale, engine)
     base, folder, values = cfg["collect"]
     stages.append(Stage(
         name="collect", title=f"Prover-labeled trajectories on {recipe} ({base})", outputs=[f"{folder}/manifest.json"],
@@ -165,10 +166,11 @@ def recipe_stages(recipe: str = "gsm8k", policy: str | None = None, prover: str 
     return stages
 
 
-def stage_configs(recipe: str, policy: str, prover: str, prm_backbone: str, out: str, scale: str = "full"
-                  ) -> dict[str, tuple[str, str, dict[str, Any]]]:
+def stage_configs(recipe: str, policy: str, prover: str, prm_backbone: str, out: str, scale: str = "full",
+                  engine: str | None = None) -> dict[str, tuple[str, str, dict[str, Any]]]:
     """``{stage: (base YAML, output folder, dotted overrides)}``: what :func:`hca.pipeline.derived_config`
-    makes each stage's ``config.yaml`` from (the evaluation's folder gets one sub-folder per checkpoint)."""
+    makes each stage's ``config.yaml`` from (the evaluation's folder gets one sub-folder per checkpoint).
+    ``engine`` (``hf | vllm | auto``) overrides ``model.init_args.engine.engine`` of every sampling stage."""
     r = recipes()[recipe]
     sizes = TINY if scale == "tiny" else {k: {} for k in TINY}
     task = {"data.init_args.task": r.task}
@@ -190,6 +192,14 @@ def stage_configs(recipe: str, policy: str, prover: str, prm_backbone: str, out:
             values["model.init_args.scorer.init_args.path"] = f"{prm_dir}/model"
             values.update(TINY_HCA_SCORER if scale == "tiny" else {})
         cfg[f"rl-{method}"] = (f"configs/rl/{recipe}_{method}.yaml", f"{out}/rl/{method}", values)
+    if engine is not None:
+        if engine not in ("hf", "vllm", "auto"):
+            raise ValueError(f"--engine {engine!r}: valid: hf, vllm, auto")
+        for stage in ("collect", "eval", "rl-grpo", "rl-hca"):
+            cfg[stage][2]["model.init_args.engine.engine"] = engine
+            if scale == "tiny":  # tiny models: fp32 and a small vLLM KV cache per engine (several live in one process)
+                cfg[stage][2]["model.init_args.engine.kv_cache_gb"] = 0.25
+                cfg[stage][2]["model.init_args.engine.dtype"] = "float32"
     return cfg
 
 

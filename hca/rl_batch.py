@@ -102,6 +102,7 @@ class RLBatch:
     weights: Tensor  # [N, T] float32: entropy weights w_t (mean 1 per step), 0 on padding
     advantages: Tensor  # [N, T] float32: token advantages A_t, 0 on padding and excluded rows
     ref_logp: Tensor | None = None  # [N, T] float32: reference log-probs (for the KL term); None: no reference
+    is_weight: Tensor | None = None  # [N, T] float32: truncated importance weights (engine vs trainer); None: 1
     scoring_seconds: float = 0.0  # wall time spent in scorer.score
 
     def __len__(self) -> int:
@@ -126,7 +127,8 @@ class RLBatch:
         return RLBatch(**out)
 
 
-_TOKEN_FIELDS = ("response_mask", "loss_mask", "old_logp", "entropy", "step_index", "weights", "advantages", "ref_logp")
+_TOKEN_FIELDS = ("response_mask", "loss_mask", "old_logp", "entropy", "step_index", "weights", "advantages", "ref_logp",
+                 "is_weight")
 
 
 def _map(v, fn):
@@ -206,6 +208,9 @@ def build_rl_batch(rollout: RolloutBatch, problems: Sequence[Problem], correct: 
             progress = whiten_progress(progress, torch.where(included, num_steps, 0), center=credit.whiten_center)
     scoring_seconds = time.perf_counter() - start
 
+    if rollout.entropy is None:
+        raise ValueError("the rollout has no entropies (the vLLM engine records none): compute them by teacher "
+                         "forcing first (RolloutBatch.with_entropy)")
     entropy = rollout.entropy.cpu().float()
     weights = entropy_weights(entropy, step_index, credit.entropy_beta, credit.w_min, credit.w_max)
     adv = token_advantages(outcome_adv, progress if progress is not None else torch.zeros(n, 1), step_index,

@@ -27,6 +27,8 @@ import hashlib
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from hca.problems import Problem
+from hca.rollout.base import SamplingParams
+from hca.rollout.engines import EngineConfig
 from hca.steps import prefix_text, split_steps
 
 
@@ -63,11 +65,21 @@ class CallableScorer:
         return out
 
 
+CURRENT_POLICY = "current_policy"  # MonteCarloScorer(prover=...): the policy being trained, synced every RL step
+
+
 class MonteCarloScorer:
     """``f(h_k) = T(correct / total)`` from prover completions of every prefix, verified against the
     reference answer (a completion cut at its budget counts as wrong); ``T`` is the identity or the
     best-of-K transform ``1 - (1 - v)^K``. Prefix estimation is :mod:`hca.collect`'s (one engine call
-    for all prefixes of a batch; identical prefixes of one problem are estimated once).
+    for all prefixes of a batch; identical prefixes of one problem are estimated once). Through the
+    vLLM engine, prefix caching lets the ``M`` completions of a prefix, and the prefixes of one
+    response, share their KV.
+
+    The prover is a fixed checkpoint, or ``prover: current_policy``: the policy being trained
+    (METHOD.md section 3, VinePPO-style step values), sampled by the RL module's own engine, which
+    holds the weights of the current RL step (the HF engine samples the live module; the vLLM engine
+    is synced after every step's updates). The RL module binds it (:meth:`bind_policy`).
 
     Its sampling seed is a hash of ``(seed, prompts, responses)``: the same inputs give the same
     values, independently of call order, so RL resume stays exact. Expensive: about
@@ -75,52 +87,66 @@ class MonteCarloScorer:
     """
 
     def __init__(self, prover: str, tokenizer: str | None = None, num_rollouts: int = 4,
-                 num_rollouts_h0: int | None = None, max_new_tokens: int = 64, temperature: float = 1.0,
-                 top_p: float = 1.0, best_of_k: int = 1, dtype: str = "float32", device: str = "auto",
-                 max_batch_size: int = 256, seed: int = 0):
+                 num_rollouts_h0: int | None = None, sampling: SamplingParams | None = None, best_of_k: int = 1,
+                 dtype: str = "float32", device: str = "auto", engine: EngineConfig | None = None, seed: int = 0):
         """
         Args:
-            prover: the prover mu: local HF folder, hub name, or ``tiny-llama[:k=v,...]`` (loaded on first use).
-            tokenizer: the prover's tokenizer; defaults to ``prover``.
+            prover: the prover mu: local HF folder, hub name, ``tiny-llama[:k=v,...]`` (loaded on first use),
+                or ``current_policy`` (the policy being trained, through the RL module's engine).
+            tokenizer: the prover's tokenizer; defaults to ``prover`` (ignored for ``current_policy``).
             num_rollouts: M, prover completions per prefix h_k (0 < k < K).
             num_rollouts_h0: completions of h_0 (once per problem); None: ``num_rollouts``.
-            max_new_tokens: prover completion budget.
-            temperature: prover sampling temperature.
-            top_p: prover nucleus sampling (1: off).
+            sampling: the prover's sampling (budget, temperature, top_p, stop); a completion cut at its
+                budget counts as wrong.
             best_of_k: prover transform V = 1 - (1 - V_mc)^K (1: the prover as is).
             dtype: prover parameter dtype.
-            device: where the prover runs; ``"auto"``: CUDA when available, else CPU.
-            max_batch_size: samples per engine sub-batch.
+            device: where an HF-engine prover runs; ``"auto"``: CUDA when available, else CPU.
+            engine: the prover's rollout engine (``hf | vllm | auto``, :class:`hca.rollout.engines.EngineConfig`).
             seed: base of the content-derived sampling seeds.
         """
         from hca.collect import CollectionConfig
 
         self.prover, self.tokenizer_name, self.dtype, self.device = prover, tokenizer, dtype, device
-        self.max_batch_size, self.seed = max_batch_size, seed
-        self.config = CollectionConfig(num_rollouts=num_rollouts, num_rollouts_h0=num_rollouts_h0,
-                                       max_new_tokens=max_new_tokens, prover_max_new_tokens=max_new_tokens,
-                                       prover_temperature=temperature,
-                                       prover_top_p=top_p, best_of_k=best_of_k)
+        self.engine_config, self.seed = EngineConfig.coerce(engine, "scorer.engine"), seed
+        sampling = SamplingParams.coerce(sampling, "scorer.sampling")
+        self.config = CollectionConfig(num_rollouts=num_rollouts, num_rollouts_h0=num_rollouts_h0, policy=sampling,
+                                       prover=sampling, best_of_k=best_of_k)
         self._engine = None
+
+    @property
+    def uses_current_policy(self) -> bool:
+        return self.prover == CURRENT_POLICY
+
+    def bind_policy(self, engine) -> None:
+        """Sample prover completions with ``engine`` (the RL module's, current weights)."""
+        if self.uses_current_policy:
+            self._engine = engine
 
     def engine(self):
         if self._engine is None:
+            if self.uses_current_policy:
+                raise RuntimeError("MonteCarloScorer(prover='current_policy') is used by an RL module, which binds "
+                                   "its engine at fit start; it was called before (or outside) one")
             import torch
 
             from hca.models import load_causal_lm, load_tokenizer
-            from hca.rollout import HFRolloutEngine
+            from hca.rollout.engines import build_engine, resolve_engine
 
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
             tok = load_tokenizer(self.tokenizer_name or self.prover)
-            model = load_causal_lm(self.prover, self.dtype, tokenizer=tok).requires_grad_(False).eval().to(device)
-            self._engine = HFRolloutEngine(model, tok, max_batch_size=self.max_batch_size)
+            model = None
+            if resolve_engine(self.engine_config, self.prover, "scorer.engine") == "hf":
+                device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+                model = load_causal_lm(self.prover, self.dtype, tokenizer=tok).requires_grad_(False).eval().to(device)
+            self._engine = build_engine(self.engine_config, self.prover, tok, model=model, dtype=self.dtype,
+                                        setting="scorer.engine")
         return self._engine
 
     def score(self, prompts: list[str], responses: list[str], delimiter: str,
               problems: Sequence[Problem] | None = None) -> list[list[float]]:
         import dataclasses
 
-        from hca.collect import ChunkStats, derive_seed, estimate_prefix_values
+        from hca.collect import ChunkStats, estimate_prefix_values
+        from hca.seeds import derive_seed
 
         if problems is None or len(problems) != len(responses) or len(prompts) != len(responses):
             raise ValueError("MonteCarloScorer needs one problem (reference answer) and one prompt per response")

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from hca.collect import CollectionConfig, derive_seed, label_chunk
+from hca.collect import CollectionConfig, label_chunk
+from hca.seeds import derive_seed
 from hca.datamodules.problems import ProblemChunkDataModule, make_chunks, pending_chunks
 from hca.problems import Problem, ProblemFileError, load_problems
 from hca.rollout import RolloutBatch
@@ -194,8 +195,27 @@ def test_config_validation():
     with pytest.raises(ValueError, match="delimiter"):
         CollectionConfig(delimiter="")
     with pytest.raises(ValueError, match="temperature"):
-        CollectionConfig(prover_temperature=0.0)
+        CollectionConfig(prover={"temperature": 0.0})
     assert CollectionConfig(num_rollouts=3).rollouts_h0 == 3
+
+
+def test_sampling_settings_prover_defaults_to_the_policy():
+    from hca.rollout import SamplingParams
+
+    cfg = CollectionConfig(num_responses=3, policy={"max_new_tokens": 40, "temperature": 0.7, "top_p": 0.9})
+    assert cfg.prover == cfg.policy == SamplingParams(max_new_tokens=40, temperature=0.7, top_p=0.9)
+    assert cfg.prover_params(5, 2) == SamplingParams(max_new_tokens=40, temperature=0.7, top_p=0.9, n=2, seed=5)
+    assert cfg.policy_params(6) == SamplingParams(max_new_tokens=40, temperature=0.7, top_p=0.9, n=3, seed=6)
+    both = CollectionConfig(policy={"max_new_tokens": 40}, prover=SamplingParams(max_new_tokens=12))
+    assert (both.policy.max_new_tokens, both.prover.max_new_tokens) == (40, 12)
+    assert CollectionConfig().prover == CollectionConfig().policy == SamplingParams()
+    # the manifest form round-trips (stop strings as lists)
+    stops = CollectionConfig(policy={"stop": ["\n\n"]})
+    assert stops.to_dict()["policy"]["stop"] == ["\n\n"] and CollectionConfig(**stops.to_dict()) == stops
+    with pytest.raises(ValueError, match=r"collection\.prover: n and seed are set by the stage"):
+        CollectionConfig(prover={"n": 4})
+    with pytest.raises(ValueError, match=r"collection\.policy: unknown sampling settings \['max_batch_size'\]"):
+        CollectionConfig(policy={"max_batch_size": 4})
 
 
 # ------------------------------------------------------------------------------------------------ real engines
@@ -221,7 +241,8 @@ def problems():
             for a in generate_problems(6, seed=3)]
 
 
-REAL = CollectionConfig(num_responses=3, num_rollouts=2, max_new_tokens=40, prover_max_new_tokens=12, delimiter="\n")
+REAL = CollectionConfig(num_responses=3, num_rollouts=2, policy={"max_new_tokens": 40}, prover={"max_new_tokens": 12},
+                        delimiter="\n")
 
 
 def test_real_engines_records_are_valid_and_telescope(engines, problems):
@@ -315,6 +336,11 @@ def test_collector_module_checks_models(tmp_path):
         CollectorModule(policy="tiny-llama:seed=1", prover="tiny-llama:seed=1")
     m = CollectorModule(policy="tiny-llama:seed=0", prover="tiny-llama:seed=1", collection={"delimiter": "\n"})
     assert m.cfg.delimiter == "\n" and m.identity()["prover"]["kind"] == "tiny-spec"
+    assert m.identity()["engine"] == {"policy": "hf", "prover": "hf", "max_batch_size": 256}  # tiny specs: HF
+    m = CollectorModule(policy="tiny-llama:seed=0", prover="tiny-llama:seed=1", engine={"max_batch_size": 8})
+    assert m.identity()["engine"]["max_batch_size"] == 8
+    with pytest.raises(ValueError, match="model.init_args.engine: .*unexpected keyword"):
+        CollectorModule(policy="tiny-llama:seed=0", prover="tiny-llama:seed=1", engine={"max_batch": 8})
 
 
 def test_first_error_evidence_and_summary_on_hand_records():

