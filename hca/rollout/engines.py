@@ -21,7 +21,7 @@ class EngineConfig:
 
     engine: str = "auto"  # hf | vllm | auto (vLLM when installed and the model is not tiny)
     max_batch_size: int = 256  # HF: samples per sub-batch (part of what fixes the HF random streams)
-    auto_min_params: int = 50_000_000  # auto: models with fewer parameters (and tiny-llama specs) use HF
+    auto_min_params: int = 5_000_000  # auto: models with fewer parameters (and tiny-llama specs) use HF
     dtype: str | None = None  # vLLM parameter dtype; None: the stage's dtype
     max_model_len: int | None = None  # vLLM context length (prompt + response); None: the model's
     enable_prefix_caching: bool = True  # vLLM: share the KV of common prefixes (Monte Carlo completions)
@@ -30,6 +30,7 @@ class EngineConfig:
     enforce_eager: bool | None = None  # vLLM without CUDA graphs; None: on CPU only
     sleep_mode: bool | None = None  # vLLM on CUDA: free engine memory during RL updates; None: on with CUDA
     max_num_seqs: int = 256  # vLLM: sequences scheduled at once
+    block_size: int | None = None  # vLLM KV block (prefix caching shares whole blocks); None: 32 on CPU, vLLM's on CUDA
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -59,7 +60,8 @@ class EngineConfig:
         return {"dtype": self.dtype or dtype, "max_model_len": self.max_model_len,
                 "enable_prefix_caching": self.enable_prefix_caching,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "kv_cache_gb": self.kv_cache_gb,
-                "enforce_eager": self.enforce_eager, "sleep_mode": self.sleep_mode, "max_num_seqs": self.max_num_seqs}
+                "enforce_eager": self.enforce_eager, "sleep_mode": self.sleep_mode, "max_num_seqs": self.max_num_seqs,
+                "block_size": self.block_size}
 
     def to_dict(self) -> dict:
         return asdict(self)
