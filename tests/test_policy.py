@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from builders.callbacks import Record
 
 from hca.datamodules.rl_problems import ProblemDataModule
 from hca.models import char_tokenizer
@@ -55,17 +56,6 @@ def trainer(tmp_path, max_steps, callbacks=(), **kw):
     return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                      enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
                      callbacks=list(callbacks), log_every_n_steps=1, **kw)
-
-
-class Record(L.Callback):
-    """Logged metrics and a copy of the weights after every RL step."""
-
-    def __init__(self):
-        self.logs, self.weights = [], []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.logs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
-        self.weights.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
 
 
 def initial_weights(module):

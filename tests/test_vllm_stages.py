@@ -10,6 +10,7 @@ import json
 import lightning as L
 import pytest
 import torch
+from builders.callbacks import Record
 
 from hca.processbench import data_dir
 from hca.rollout.vllm import vllm_available
@@ -31,15 +32,6 @@ def folder(tmp_path_factory):
     save_checkpoint(tiny_qwen2(tok, seed=0), tok, d / "policy")
     (d / "problems.jsonl").write_text("\n".join(GSM8K.read_text().splitlines()[:12]) + "\n")  # native GSM8K lines
     return d
-
-
-class Record(L.Callback):
-    def __init__(self):
-        self.logs, self.weights = [], []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.logs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
-        self.weights.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
 
 
 def _fit(folder, tmp_path, steps: int, **module_kw):

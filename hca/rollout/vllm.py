@@ -57,6 +57,10 @@ def import_vllm(setting: str = "engine"):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\..*")
+    # vLLM starts a one-process torch.distributed group in-process, after which Lightning takes every
+    # run for a distributed one and asks for sync_dist on epoch-level logs; with vLLM the run has one
+    # rank (several are refused), so there is nothing to sync
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
     try:
         import vllm
     except ImportError as e:
