@@ -34,7 +34,7 @@ def folder(tmp_path_factory):
     return d
 
 
-def _fit(folder, tmp_path, steps: int, **module_kw):
+def _fit(folder, tmp_path, steps: int, callbacks=(), ckpt_path=None, **module_kw):
     from hca.datamodules.rl_problems import ProblemDataModule
     from hca.modules.policy import HCAPolicyModule
 
@@ -46,11 +46,12 @@ def _fit(folder, tmp_path, steps: int, **module_kw):
                              **module_kw)
     rec = Record()
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[rec], log_every_n_steps=1)
+                        enable_model_summary=False, enable_checkpointing=bool(callbacks),
+                        default_root_dir=str(tmp_path), num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[rec, *callbacks], log_every_n_steps=1)
     module.configure_model()
     start = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module, rec, start
 
 
@@ -87,6 +88,27 @@ def test_rl_with_vllm_syncs_weights_and_takes_logprobs_from_the_trainer(folder, 
     base = load_causal_lm(str(folder / "policy"), "float32")
     lp0, _ = teacher_forced(base, ids, attn, p, b.response_mask, 8, 1.0)
     assert (lp0 - b.logprobs).abs().max() > 1e-3
+
+
+def test_rl_with_vllm_resumes_exactly(folder, tmp_path):
+    """3 RL steps straight == 2 steps, checkpoint, resume for 1 more: the resumed fit first syncs
+    the checkpoint's weights into vLLM (not the folder's), so it samples what the straight run did."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from hca.ppo import PPOConfig
+    from hca.rl_batch import CreditConfig
+    from hca.scoring import CallableScorer
+
+    kw = dict(scorer=CallableScorer(lambda prompt, prefix: (len(prefix) % 7) / 7),
+              credit=CreditConfig("grpo", 1.0, 1.0), ppo=PPOConfig(group_size=2))
+    straight, rec_a, _ = _fit(folder, tmp_path / "a", 3, **kw)
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    _fit(folder, tmp_path / "b", 2, callbacks=[ck], **kw)
+    resumed, rec_b, _ = _fit(folder, tmp_path / "b", 3, ckpt_path=str(tmp_path / "ck" / "step=2.ckpt"), **kw)
+    assert resumed.rl_step == 3 and resumed.tokens_generated == straight.tokens_generated
+    assert rec_b.logs[-1]["train/reward"] == rec_a.logs[-1]["train/reward"]
+    for k, v in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
 
 
 def math_finite(v: float) -> bool:
