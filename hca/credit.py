@@ -192,7 +192,9 @@ def entropy_weights(
     still receives a share of a negative advantage) instead of silencing them; ``w_max = 5`` stops a
     single high-entropy token from taking most of a long step's credit.  Both bound the ratio before
     the rescale, so final weights may lie somewhat outside [w_min, w_max].  Need ``0 <= w_min <= 1
-    <= w_max``.  Output is float32 (float64 if the input is).
+    <= w_max``.  Output is float32 (float64 if the input is).  ``beta < 0`` gives the inverse
+    weights of the ``inverse_on_negative`` sign rule: confident tokens get more (a zero-entropy token
+    the ``w_max`` clip).
     """
     if not 0.0 <= w_min <= 1.0 <= w_max:
         raise ValueError(f"need 0 <= w_min <= 1 <= w_max, got w_min={w_min}, w_max={w_max}")
@@ -226,29 +228,52 @@ def entropy_weights(
     return torch.where(valid, w, zero)
 
 
+MODULATE = ("advantage", "progress")  # what the entropy weights multiply (METHOD.md section 6)
+SIGN_RULES = ("same", "inverse_on_negative")  # which weights a step with a negative modulated term takes
+
+
 def token_advantages(
     outcome_adv: Tensor,
     progress: Tensor,
     step_index: Tensor,
     weights: Tensor | None = None,
     progress_coef: float = 1.0,
-) -> Tensor:
-    """Token advantage ``A_t = w_t * (A_i + alpha * P_{i, step(t)})``, 0 where ``step_index = -1``.
+    modulate: str = "advantage",
+    inverse_weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Token advantages and the weights applied: ``(A [N, T], w [N, T])``, 0 where ``step_index = -1``.
 
-    ``outcome_adv [N]``, ``progress [N, S]``, ``step_index [N, T]``, ``weights [N, T]`` (None: all 1)
-    -> ``[N, T]``.  ``progress_coef = 0`` skips the progress term entirely (so alpha = 0 reproduces the
-    outcome-only baseline exactly even if ``progress`` holds NaN).  A valid ``step_index >= S`` is an
-    indexing error, not silently clamped.
+    ``outcome_adv [N]``, ``progress [N, S]``, ``step_index [N, T]``, ``weights [N, T]`` (None: all 1),
+    ``inverse_weights [N, T]`` (the weights at exponent ``-beta``, :func:`entropy_weights`; None: the
+    ``same`` sign rule). With ``s_t = alpha * P_{i, step(t)}`` (METHOD.md section 6):
+
+    * ``modulate = "advantage"`` (default): ``A_t = w_t * (A_i + s_t)``;
+    * ``modulate = "progress"``: ``A_t = A_i + w_t * s_t`` (the outcome term stays uniform, as in GRPO).
+
+    The modulated term is ``A_i + s_t`` or ``s_t``; where it is negative and ``inverse_weights`` is
+    given, that step's tokens take ``inverse_weights`` instead (blame on the confident tokens, GTPO's
+    rule for failed responses). The term is constant within a step and both weight sets have mean 1
+    per step, so every variant keeps each step's total credit; with ``alpha = 0`` and uniform weights
+    every variant is the outcome-only baseline exactly. ``progress_coef = 0`` skips the progress term
+    entirely (even if ``progress`` holds NaN). A valid ``step_index >= S`` is an indexing error, not
+    silently clamped.
     """
+    if modulate not in MODULATE:
+        raise ValueError(f"unknown modulate {modulate!r}; valid: {list(MODULATE)}")
     valid = step_index >= 0
-    adv = outcome_adv.unsqueeze(-1).expand(step_index.shape)
+    zeros = torch.zeros(step_index.shape, dtype=outcome_adv.dtype, device=outcome_adv.device)
+    base = outcome_adv.unsqueeze(-1).expand(step_index.shape)
+    step = zeros
     if progress_coef != 0:
         gathered = torch.gather(progress, 1, step_index.clamp_min(0))
-        gathered = torch.where(valid, gathered, torch.zeros_like(gathered))
-        adv = adv + progress_coef * gathered
-    if weights is not None:
-        adv = torch.where(valid, weights, torch.zeros_like(weights)) * adv
-    return torch.where(valid, adv, torch.zeros_like(adv))
+        step = progress_coef * torch.where(valid, gathered, torch.zeros_like(gathered))
+    term = base + step if modulate == "advantage" else step
+    w = torch.ones_like(term) if weights is None else weights.to(term.dtype)
+    if inverse_weights is not None:
+        w = torch.where(term < 0, inverse_weights.to(term.dtype), w)
+    w = torch.where(valid, w, torch.zeros_like(w))
+    adv = w * term if modulate == "advantage" else base + w * step
+    return torch.where(valid, adv, torch.zeros_like(adv)), w
 
 
 # --------------------------------------------------------------------------------------------

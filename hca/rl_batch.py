@@ -21,8 +21,10 @@ outcomes into an :class:`RLBatch`, by calling :mod:`hca.credit`:
    the last step is grounded in ``R`` (:func:`hca.credit.step_progress`), optionally whitened over
    the included responses. With ``progress_coef = 0`` the scorer is never called.
 6. token weights from the behaviour entropies (:func:`hca.credit.entropy_weights`; ``beta = 0``: 1).
-7. ``A_t = w_t (A_i + alpha P_{i,k(t)})`` (:func:`hca.credit.token_advantages`). With ``alpha = 0``
-   and ``beta = 0`` this is exactly ``A_i`` on every response token (GRPO / RLOO / Dr. GRPO).
+7. ``A_t = w_t (A_i + alpha P_{i,k(t)})`` (:func:`hca.credit.token_advantages`; ``credit.modulate:
+   progress`` gives ``A_i + alpha w_t P_{i,k(t)}``, ``credit.sign: inverse_on_negative`` weights a step
+   whose modulated term is negative by ``(H_t / mean H)^-beta``). With ``alpha = 0`` and ``beta = 0``
+   every variant is exactly ``A_i`` on every response token (GRPO / RLOO / Dr. GRPO).
 
 Note that with ``alpha > 0`` an all-equal group still gets progress credit (METHOD.md section 5:
 ``A = A_i + alpha P``, and ``A_i = 0``): this is the point of process rewards when every sample fails.
@@ -36,8 +38,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from hca.credit import (OUTCOME_ESTIMATORS, entropy_weights, outcome_advantages, step_progress, token_advantages,
-                        whiten_progress)
+from hca.credit import (MODULATE, OUTCOME_ESTIMATORS, SIGN_RULES, entropy_weights, outcome_advantages, step_progress,
+                        token_advantages, whiten_progress)
 from hca.problems import Problem
 from hca.rollout import RolloutBatch
 from hca.steps import align_tokens
@@ -54,6 +56,8 @@ class CreditConfig:
     w_max: float = 5.0  # upper clip of the entropy ratio (before the per-step rescale)
     whiten_progress: bool = False  # whiten progress over the batch's valid steps
     whiten_center: bool = False  # also subtract the mean when whitening (breaks telescoping; see credit.py)
+    modulate: str = "advantage"  # what the entropy weights multiply: "advantage" (A_i + alpha P_k) | "progress" (alpha P_k only)
+    sign: str = "same"  # "same" | "inverse_on_negative": a step whose modulated term is < 0 weights by (H / mean H)^-beta
 
     def __post_init__(self):
         if self.estimator not in OUTCOME_ESTIMATORS:
@@ -62,6 +66,10 @@ class CreditConfig:
             raise ValueError(f"need 0 <= w_min <= 1 <= w_max, got {self.w_min}, {self.w_max}")
         if self.entropy_beta < 0:
             raise ValueError(f"entropy_beta must be >= 0, got {self.entropy_beta}")
+        if self.modulate not in MODULATE:
+            raise ValueError(f"unknown modulate {self.modulate!r}; valid: {list(MODULATE)}")
+        if self.sign not in SIGN_RULES:
+            raise ValueError(f"unknown sign {self.sign!r}; valid: {list(SIGN_RULES)}")
 
 
 def _train_on_all(truncated: Tensor) -> Tensor:
@@ -213,8 +221,10 @@ def build_rl_batch(rollout: RolloutBatch, problems: Sequence[Problem], correct: 
                          "forcing first (RolloutBatch.with_entropy)")
     entropy = rollout.entropy.cpu().float()
     weights = entropy_weights(entropy, step_index, credit.entropy_beta, credit.w_min, credit.w_max)
-    adv = token_advantages(outcome_adv, progress if progress is not None else torch.zeros(n, 1), step_index,
-                           weights, credit.progress_coef)
+    inverse = (entropy_weights(entropy, step_index, -credit.entropy_beta, credit.w_min, credit.w_max)
+               if credit.sign == "inverse_on_negative" and credit.entropy_beta != 0 else None)
+    adv, weights = token_advantages(outcome_adv, progress if progress is not None else torch.zeros(n, 1), step_index,
+                                    weights, credit.progress_coef, credit.modulate, inverse)
     adv = torch.where(included.unsqueeze(-1), adv, torch.zeros_like(adv))
     input_ids, attention_mask, start_col = rollout.model_inputs()
     return RLBatch(

@@ -231,7 +231,8 @@ def test_token_advantages_hand_table():
     progress = torch.tensor([[0.3, -0.1], [0.2, NAN]])
     step_index = torch.tensor([[-1, 0, 0, 1], [-1, -1, 0, -1]])
     weights = torch.tensor([[9.0, 0.5, 1.5, 1.0], [NAN, 9.0, 1.0, INF]])
-    a = token_advantages(outcome, progress, step_index, weights, progress_coef=2.0)
+    a, w = token_advantages(outcome, progress, step_index, weights, progress_coef=2.0)
+    close(w, [[0.0, 0.5, 1.5, 1.0], [0.0, 0.0, 1.0, 0.0]])  # the weights applied: 0 off the steps
     # row 0 step 0: 0.5 + 2*0.3 = 1.1 -> 0.5*1.1 = 0.55, 1.5*1.1 = 1.65; step 1: 0.5 - 0.2 = 0.3
     # row 1 step 0: -1 + 2*0.2 = -0.6
     close(a, [[0.0, 0.55, 1.65, 0.3], [0.0, 0.0, -0.6, 0.0]], atol=1e-6)
@@ -241,12 +242,84 @@ def test_token_advantages_alpha_zero_is_outcome_only():
     entropy, step_index = _random_steps(7)
     outcome = torch.randn(step_index.shape[0])
     progress = torch.full((step_index.shape[0], 21), NAN)
-    a = token_advantages(outcome, progress, step_index, weights=None, progress_coef=0.0)
+    a, _ = token_advantages(outcome, progress, step_index, weights=None, progress_coef=0.0)
     valid = step_index >= 0
     assert torch.equal(a, torch.where(valid, outcome[:, None].expand_as(a), torch.zeros_like(a)))
     # alpha = 0, beta = 0 is exactly the outcome-only baseline, weights included
     w = entropy_weights(entropy, step_index, beta=0.0)
-    assert torch.equal(token_advantages(outcome, progress, step_index, w, 0.0), a)
+    assert torch.equal(token_advantages(outcome, progress, step_index, w, 0.0)[0], a)
+    # ... and so is every token variant
+    for modulate in ("advantage", "progress"):
+        inverse = entropy_weights(entropy, step_index, beta=-0.0)
+        assert torch.equal(token_advantages(outcome, progress, step_index, w, 0.0, modulate, inverse)[0], a)
+
+
+# token variants (METHOD.md section 6): entropies [2, 1, 1] in step 0, [1, 3] in step 1, beta = 1, no clip
+_VAR_H = torch.tensor([[2.0, 1.0, 1.0, 1.0, 3.0]])
+_VAR_STEPS = torch.tensor([[0, 0, 0, 1, 1]])
+
+
+def _variant_weights(beta):
+    return entropy_weights(_VAR_H, _VAR_STEPS, beta=beta, w_min=0.0, w_max=100.0, eps=0.0)
+
+
+def test_inverse_entropy_weights_hand_table():
+    # step 0: mean H 4/3 -> ratios 1.5, .75, .75 (mean 1); inverse: 2/3, 4/3, 4/3, mean 10/9 -> .6, 1.2, 1.2
+    # step 1: mean H 2 -> ratios .5, 1.5; inverse: 2, 2/3, mean 4/3 -> 1.5, .5
+    close(_variant_weights(1.0), [[1.5, 0.75, 0.75, 0.5, 1.5]], atol=1e-6)
+    close(_variant_weights(-1.0), [[0.6, 1.2, 1.2, 1.5, 0.5]], atol=1e-6)
+
+
+@pytest.mark.parametrize("modulate, sign, expected", [
+    # A_i = -0.5, alpha = 1, P = [+0.8, -0.2]: step values A_i + P = [+0.3, -0.7]
+    # advantage/same: w * [0.3 | -0.7]
+    ("advantage", "same", [0.45, 0.225, 0.225, -0.35, -1.05]),
+    # advantage/inverse: step 1 is negative -> inverse weights [1.5, .5]
+    ("advantage", "inverse_on_negative", [0.45, 0.225, 0.225, -1.05, -0.35]),
+    # progress/same: -0.5 + w * [0.8 | -0.2]
+    ("progress", "same", [0.7, 0.1, 0.1, -0.6, -0.8]),
+    # progress/inverse: step 1's progress is negative -> -0.5 + [1.5, .5] * -0.2
+    ("progress", "inverse_on_negative", [0.7, 0.1, 0.1, -0.8, -0.6]),
+])
+def test_token_variants_hand_table(modulate, sign, expected):
+    outcome, progress = torch.tensor([-0.5]), torch.tensor([[0.8, -0.2]])
+    inverse = _variant_weights(-1.0) if sign == "inverse_on_negative" else None
+    a, w = token_advantages(outcome, progress, _VAR_STEPS, _variant_weights(1.0), 1.0, modulate, inverse)
+    close(a, [expected], atol=1e-6)
+    # every variant keeps each step's total: (A_i + P_k) * tokens of step k
+    sums = [float(a[0, :3].sum()), float(a[0, 3:].sum())]
+    assert sums == pytest.approx([0.3 * 3, -0.7 * 2], abs=1e-6)
+
+
+@pytest.mark.parametrize("modulate", ["advantage", "progress"])
+@pytest.mark.parametrize("sign", ["same", "inverse_on_negative"])
+def test_token_variants_keep_step_totals_on_random_batches(modulate, sign):
+    entropy, step_index = _random_steps(11)
+    n, s = step_index.shape[0], int(step_index.max()) + 1
+    g = torch.Generator().manual_seed(3)
+    outcome, progress = torch.randn(n, generator=g), torch.randn(n, s, generator=g)
+    w = entropy_weights(entropy, step_index, beta=1.5)
+    inverse = entropy_weights(entropy, step_index, beta=-1.5) if sign == "inverse_on_negative" else None
+    a, applied = token_advantages(outcome, progress, step_index, w, 0.7, modulate, inverse)
+    assert torch.isfinite(a).all() and torch.isfinite(applied).all()
+    for i in range(n):
+        for k in range(s):
+            sel = step_index[i] == k
+            if sel.any():
+                want = (outcome[i] + 0.7 * progress[i, k]) * sel.sum()
+                assert float(a[i, sel].sum()) == pytest.approx(float(want), rel=1e-4, abs=1e-4)
+                assert float(applied[i, sel].mean()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_token_variant_names_are_checked():
+    from hca.rl_batch import CreditConfig
+
+    with pytest.raises(ValueError, match="modulate"):
+        token_advantages(torch.zeros(1), torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), modulate="tokens")
+    with pytest.raises(ValueError, match="modulate"):
+        CreditConfig(modulate="tokens")
+    with pytest.raises(ValueError, match="sign"):
+        CreditConfig(sign="opposite")
 
 
 # ---------------------------------------------------------------------------------------------
