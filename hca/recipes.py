@@ -221,7 +221,8 @@ def evaluate_recipe(models: dict[str, str], config: str, out_dir: str, values: d
         cfg = derived_config(config, f"{out_dir}/{name}", {**values, "model.init_args.policy": path})
         cli = main(args=["validate", "--config", cfg])
         metrics = {k.removeprefix("val/"): float(v) for k, v in cli.trainer.callback_metrics.items()
-                   if k.startswith("val/") and k not in ("val/samples", "val/tokens", "val/rl_step")}
+                   if k.startswith("val/") and k not in ("val/samples", "val/tokens", "val/rl_step",
+                                                              "val/response_tokens", "val/scorer_tokens")}
         results[name] = {"checkpoint": path, **metrics}
     write_json_atomic(out_json, results)
     keys = [k for k in ("pass@1", "pass@2", "pass@4", "pass@8", "maj@4", "maj@8", "truncated_frac")

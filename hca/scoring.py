@@ -112,6 +112,7 @@ class MonteCarloScorer:
         self.config = CollectionConfig(num_rollouts=num_rollouts, num_rollouts_h0=num_rollouts_h0, policy=sampling,
                                        prover=sampling, best_of_k=best_of_k)
         self._engine = None
+        self.tokens_generated = 0  # prover tokens sampled so far (the RL module adds them to val/tokens)
 
     @property
     def uses_current_policy(self) -> bool:
@@ -163,5 +164,7 @@ class MonteCarloScorer:
             return [[] for _ in responses]
         digest = hashlib.sha256("\x00".join([*prompts, "\x01", *responses]).encode()).hexdigest()
         cfg = dataclasses.replace(self.config, delimiter=delimiter)
-        counts = estimate_prefix_values(todo, unique, self.engine(), cfg, derive_seed(self.seed, 0, digest), ChunkStats(), False)
+        stats = ChunkStats()
+        counts = estimate_prefix_values(todo, unique, self.engine(), cfg, derive_seed(self.seed, 0, digest), stats, False)
+        self.tokens_generated += stats.prover_tokens
         return [[cfg.transform(*counts[k]) for k in row] for row in keys]

@@ -210,3 +210,35 @@ def test_gsm8k_recipe_runs_on_vllm(recipe_run):
         assert (out / "rl" / method / "model" / "config.json").exists()
     results = json.loads((out / "eval.json").read_text())
     assert set(results) == {"start", "grpo", "hca"} and all(0.0 <= r["pass@1"] <= 1.0 for r in results.values())
+
+
+def test_monte_carlo_prover_tokens_count_in_val_tokens(folder, tmp_path):
+    """The rollouts a Monte Carlo scorer spends are training tokens: val/tokens = responses + prover."""
+    from hca.datamodules.rl_problems import ProblemDataModule
+    from hca.modules.policy import HCAPolicyModule, PolicyEval
+    from hca.ppo import PPOConfig
+    from hca.rl_batch import CreditConfig
+    from hca.scoring import MonteCarloScorer
+
+    class Metrics(L.Callback):
+        def __init__(self):
+            self.val = {}
+
+        def on_validation_end(self, trainer, pl_module):  # after the module logged its val/* metrics
+            self.val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+    dm = ProblemDataModule(train_file=str(folder / "problems.jsonl"), val_file=str(folder / "problems.jsonl"),
+                           task="gsm8k", problems_per_step=2, val_batch_size=2, num_val=2, seed=0)
+    scorer = MonteCarloScorer("current_policy", num_rollouts=2, sampling={"max_new_tokens": 6}, seed=1)
+    module = HCAPolicyModule(policy=str(folder / "policy"), scorer=scorer, credit=CreditConfig("grpo", 1.0, 0.0),
+                             ppo=PPOConfig(group_size=2), sampling={"max_new_tokens": 10}, engine={"engine": "hf"},
+                             delimiter=" ", validation=PolicyEval(n=1, ks=(1,), max_new_tokens=4, at_start=False),
+                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), seed=0)
+    m = Metrics()
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
+              val_check_interval=1, callbacks=[m]).fit(module, datamodule=dm)
+    assert module.scorer_tokens == scorer.tokens_generated > 0
+    assert m.val["val/scorer_tokens"] == module.scorer_tokens
+    assert m.val["val/response_tokens"] == module.tokens_generated > 0
+    assert m.val["val/tokens"] == module.tokens_generated + module.scorer_tokens

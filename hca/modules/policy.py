@@ -155,6 +155,7 @@ class HCAPolicyModule(L.LightningModule):
         self.rl_step = 0  # RL steps completed (saved in checkpoints)
         self.samples_seen = 0  # responses sampled for training so far
         self.tokens_generated = 0  # response tokens sampled for training so far (scorer rollouts not included)
+        self.scorer_tokens = 0  # tokens a sampling scorer (Monte Carlo prover) generated for training so far
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient
         self.prompts_skipped = 0  # problems dropped for a prompt longer than the context (prompt.long_prompts: skip)
 
@@ -271,7 +272,8 @@ class HCAPolicyModule(L.LightningModule):
         self.tokens_generated += int(batch.response_mask.sum())
         stats |= {"time_sync": self._sync_seconds, "time_generation": t1 - t_sync, "time_scoring": batch.scoring_seconds,
                   "time_credit": t2 - t1 - batch.scoring_seconds, "time_update": t3 - t2, "time_step": t3 - t0,
-                  "samples": float(self.samples_seen), "tokens": float(self.tokens_generated),
+                  "samples": float(self.samples_seen), "tokens": float(self.tokens_generated + self.scorer_tokens),
+                  "response_tokens": float(self.tokens_generated), "scorer_tokens": float(self.scorer_tokens),
                   "rl_step": float(self.rl_step),
                   "skipped_updates": float(self.skipped_updates), "prompts_skipped": float(self.prompts_skipped)}
         self.log_dict({f"train/{k}": float(v) for k, v in stats.items()}, on_step=True, on_epoch=False,
@@ -297,8 +299,10 @@ class HCAPolicyModule(L.LightningModule):
             self._engine_stats = {"rollout_logp_gap": float(gap.mean()) if gap.numel() else 0.0,
                                   "rollout_logp_gap_max": float(gap.max()) if gap.numel() else 0.0}
         correct = verify_responses(rollout.texts, [problems[i] for i in rollout.prompt_index.tolist()])
+        before = getattr(self.scorer, "tokens_generated", 0)
         batch = build_rl_batch(rollout, problems, correct, self.tokenizer, self.credit, self.hparams.delimiter,
                                self.scorer, self.ppo.truncation)
+        self.scorer_tokens += getattr(self.scorer, "tokens_generated", 0) - before
         if behaviour is not None and self.ppo.tis_cap is not None:
             w, tis = truncated_is_weights(batch.old_logp, behaviour, batch.response_mask, self.ppo.tis_cap)
             batch = dataclasses.replace(batch, is_weight=w)
@@ -378,19 +382,25 @@ class HCAPolicyModule(L.LightningModule):
         """The ``val/*`` means over every rank's share (all ranks must call it): sums and problem
         counts of all ranks added up in rank order, then divided, as one process over all the
         problems (to float64 rounding); ``val/samples`` and ``val/tokens`` are the training totals
-        of all ranks. ``{}`` when no rank validated a problem."""
+        of all ranks, ``val/tokens`` counting every token generated for training: the responses
+        (``val/response_tokens``) and a sampling scorer's prover completions (``val/scorer_tokens``,
+        e.g. the current policy as Monte Carlo prover). ``{}`` when no rank validated a problem."""
         totals: dict[str, float] = {}
         samples = tokens = 0
-        for part, n_samples, n_tokens in gather_objects((sums, self.samples_seen, self.tokens_generated)):
+        scorer = 0
+        for part, n_samples, n_tokens, n_scorer in gather_objects((sums, self.samples_seen, self.tokens_generated,
+                                                                   self.scorer_tokens)):
             for k, v in part.items():
                 totals[k] = totals.get(k, 0.0) + v
-            samples, tokens = samples + n_samples, tokens + n_tokens
+            samples, tokens, scorer = samples + n_samples, tokens + n_tokens, scorer + n_scorer
         count = totals.pop("count", 0)
         if not count:
             return {}
         return {k: v / count for k, v in totals.items()} | {"val/samples": float(samples),
                                                              "val/rl_step": float(self.rl_step),
-                                                             "val/tokens": float(tokens)}
+                                                             "val/tokens": float(tokens + scorer),
+                                                             "val/response_tokens": float(tokens),
+                                                             "val/scorer_tokens": float(scorer)}
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums(reset=True)
@@ -434,7 +444,8 @@ class HCAPolicyModule(L.LightningModule):
         metrics = self._val_combine(sums)
         if metrics:  # every rank, as Lightning calls loggers (its loggers write on rank 0 only)
             for logger in self.loggers:
-                logger.log_metrics(metrics | {"val/samples": 0.0, "val/rl_step": 0.0, "val/tokens": 0.0}, step=0)
+                logger.log_metrics(metrics | {"val/samples": 0.0, "val/rl_step": 0.0, "val/tokens": 0.0,
+                                              "val/response_tokens": 0.0, "val/scorer_tokens": 0.0}, step=0)
 
     def on_train_end(self) -> None:
         if not self.hparams.export_dir:
@@ -444,7 +455,7 @@ class HCAPolicyModule(L.LightningModule):
                 model = merged_copy(self.model) if self.lora is not None else self.model  # LoRA: merged, plain HF
                 save_checkpoint(model, self.tokenizer, self.hparams.export_dir)
 
-    _COUNTERS = ("rl_step", "samples_seen", "tokens_generated", "skipped_updates", "prompts_skipped")
+    _COUNTERS = ("rl_step", "samples_seen", "tokens_generated", "scorer_tokens", "skipped_updates", "prompts_skipped")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The RL counters; on several ranks every rank's own (gathered: each rank samples its own
