@@ -29,7 +29,11 @@ from pathlib import Path
 from hca.pipeline import QUICKSTART_RL, Stage, derived_config, fit_from_config, run_stages
 
 METHODS = ("grpo", "hca", "progress_only", "entropy_only")
-USES_PROGRESS = {"hca", "progress_only", "hca_mc"}
+"""The default methods; any ``configs/rl/arithmetic_<method>.yaml`` runs, e.g. the token variants
+``hca_progress`` (``credit.modulate: progress``) and ``hca_inverse`` (``credit.sign:
+inverse_on_negative``), or ``hca_current`` (Monte Carlo step values from the current policy)."""
+USES_PROGRESS = {"hca", "progress_only", "hca_progress", "hca_inverse"}  # the PRM's collection is their cost too
+# (hca_mc and hca_current pay their prover rollouts in val/tokens, step by step)
 
 
 def run_dir(out: str, method: str, seed: int) -> str:
@@ -68,21 +72,49 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collection_tokens: int) -> list[dict]:
+def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collection_tokens: int,
+              baseline: str = "grpo") -> list[dict]:
     """One row per method: reached (count), RL samples and tokens to target (mean, std over the
-    runs that reached it), final and best pass@1 (mean, std over all runs)."""
+    runs that reached it), final and best pass@1 (mean, std over all runs), and 95% bootstrap
+    intervals over seeds (:mod:`hca.bootstrap`): of the samples to target (a run that never reached
+    it counts as ``inf``, so such an interval is open above), of the final pass@1, and of the
+    paired ratio ``samples to target / the baseline's`` (``samples_ratio``: point, lo, hi; NaN for
+    the baseline itself or when it is absent)."""
+    from hca.bootstrap import bootstrap_ci, paired_ratio_ci
+
+    def cost_by_seed(by_seed: dict[int, list[dict]]) -> dict[int, float]:
+        out = {}
+        for s, c in by_seed.items():
+            if c:
+                hit = first_reaching(c, target)
+                out[s] = math.inf if hit is None else float(hit["samples"])
+        return out
+
+    base = cost_by_seed(curves[baseline]) if baseline in curves else {}
     rows = []
     for m, by_seed in curves.items():
         hits = [first_reaching(c, target) for c in by_seed.values() if c]
         extra = collection_tokens if m in USES_PROGRESS else 0
         reached = [h for h in hits if h is not None]
         finals = [c[-1]["pass@1"] for c in by_seed.values() if c]
+        costs = cost_by_seed(by_seed)
         rows.append({"method": m, "runs": len(finals), "reached": len(reached),
                      "samples_to_target": _mean_std([h["samples"] for h in reached]),
+                     "samples_to_target_ci": bootstrap_ci(list(costs.values())),
                      "tokens_to_target": _mean_std([h["tokens"] + extra for h in reached]),
-                     "final_pass@1": _mean_std(finals), "start_pass@1": _mean_std([c[0]["pass@1"] for c in by_seed.values() if c]),
+                     "final_pass@1": _mean_std(finals), "final_pass@1_ci": bootstrap_ci(finals),
+                     "samples_ratio": (paired_ratio_ci(costs, base) if m != baseline and base else
+                                       (math.nan, math.nan, math.nan)),
+                     "start_pass@1": _mean_std([c[0]["pass@1"] for c in by_seed.values() if c]),
                      "best_pass@1": _mean_std([max(p["pass@1"] for p in c) for c in by_seed.values() if c])})
     return rows
+
+
+def _ci(lo_hi: tuple[float, ...], fmt: str = ".3f") -> str:
+    lo, hi = lo_hi[-2], lo_hi[-1]
+    if math.isnan(lo):
+        return "n/a"
+    return f"[{lo:{fmt}}, {'∞' if math.isinf(hi) else format(hi, fmt)}]"
 
 
 def _pm(ms: tuple[float, float], fmt: str = ".3f") -> str:
@@ -92,13 +124,22 @@ def _pm(ms: tuple[float, float], fmt: str = ".3f") -> str:
 def markdown(rows: list[dict], target: float) -> str:
     from hca.report import md_table
 
-    header = ["method", "runs reaching target", "RL samples to target", "tokens to target (M)", "start pass@1",
-              "final pass@1", "best pass@1"]
+    header = ["method", "runs reaching target", "RL samples to target", "95% CI", "samples vs GRPO (95% CI)",
+              "tokens to target (M)", "start pass@1", "final pass@1", "95% CI", "best pass@1"]
+
+    def ratio(r):
+        point = r["samples_ratio"][0]
+        if math.isnan(point):
+            return "n/a"
+        return f"{'∞' if math.isinf(point) else format(point, '.2f')} {_ci(r['samples_ratio'], '.2f')}"
+
     table = md_table(header, [[r["method"], f"{r['reached']}/{r['runs']}", _pm(r["samples_to_target"], ".0f"),
+                               _ci(r["samples_to_target_ci"], ".0f"), ratio(r),
                                _pm(tuple(x / 1e6 for x in r["tokens_to_target"]), ".2f"), _pm(r["start_pass@1"]),
-                               _pm(r["final_pass@1"]), _pm(r["best_pass@1"])] for r in rows])
+                               _pm(r["final_pass@1"]), _ci(r["final_pass@1_ci"]), _pm(r["best_pass@1"])] for r in rows])
     return (f"Target held-out pass@1: {target:.3f}. Mean ± std over seeds (samples and tokens: over the runs that "
-            "reached it).\n\n" + table)
+            "reached it); 95% percentile-bootstrap intervals over seeds (samples: a run that never reached the "
+            "target counts as ∞; samples vs GRPO: the paired ratio of mean samples to target).\n\n" + table)
 
 
 def plot(curves: dict[str, dict[int, list[dict]]], target: float, path: Path) -> None:

@@ -25,7 +25,15 @@ def test_summary_by_hand():
     assert (h["reached"], h["samples_to_target"]) == (2, (100, 0.0)) and h["tokens_to_target"] == (3000 + 1000, 0.0)
     assert h["final_pass@1"][0] == pytest.approx(0.375) and h["final_pass@1"][1] == pytest.approx(math.sqrt(2 * .025 ** 2))
     md = markdown(list(rows.values()), 0.30)
-    assert "| grpo | 1/2 | 200 ± 0 |" in md and "| hca | 2/2 | 100 ± 0 | 0.00 ± 0.00 |" in md
+    assert "| grpo | 1/2 | 200 ± 0 | [200, ∞] | n/a |" in md and "| hca | 2/2 | 100 ± 0 | [100, 100] |" in md
+    assert g["samples_to_target_ci"] == (200, math.inf)  # one seed missed: open above
+    # hca vs grpo, paired by seed: grpo's mean cost is inf (seed 1 missed), so there is no ratio to show
+    assert all(math.isnan(x) for x in h["samples_ratio"]) and "| hca | 2/2 | 100 ± 0 | [100, 100] | n/a |" in md
+    both = {"grpo": {0: curve([(0, .2), (200, .31)]), 1: curve([(0, .2), (200, .30)])}, "hca": curves["hca"]}
+    hb = {r["method"]: r for r in summarize(both, 0.30, 0)}["hca"]
+    assert hb["samples_ratio"] == (0.5, 0.5, 0.5) and "| 0.50 [0.50, 0.50] |" in markdown([hb], 0.30)
+    lo, hi = h["final_pass@1_ci"]
+    assert lo <= h["final_pass@1"][0] <= hi
     none = summarize({"x": {0: curve([(0, .1), (10, .1)])}}, 0.5, 0)[0]
     assert none["reached"] == 0 and math.isnan(none["samples_to_target"][0]) and "n/a" in markdown([none], 0.5)
 

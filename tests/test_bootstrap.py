@@ -1,0 +1,50 @@
+"""Bootstrap intervals of the experiment: exact on constant data, reproducible, honest about runs
+that never reached the target (inf), and a paired ratio that excludes 1 only when it should."""
+import math
+
+import pytest
+
+from hca.bootstrap import _percentile, bootstrap_ci, paired_ratio_ci
+
+
+def test_percentile_hand_table():
+    xs = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert _percentile(xs, 0.0) == 1.0 and _percentile(xs, 1.0) == 5.0 and _percentile(xs, 0.5) == 3.0
+    assert _percentile(xs, 0.125) == pytest.approx(1.5)  # position 0.5 between 1 and 2
+    assert _percentile([1.0, math.inf], 1.0) == math.inf and _percentile([1.0, math.inf], 0.0) == 1.0
+
+
+def test_constant_values_give_a_point_interval_and_empty_gives_nan():
+    assert bootstrap_ci([0.4] * 5) == (0.4, 0.4)
+    lo, hi = bootstrap_ci([])
+    assert math.isnan(lo) and math.isnan(hi)
+
+
+def test_interval_contains_the_mean_is_reproducible_and_narrows_with_more_seeds():
+    xs = [0.30, 0.35, 0.41, 0.38, 0.33]
+    lo, hi = bootstrap_ci(xs)
+    assert lo <= sum(xs) / 5 <= hi and min(xs) <= lo < hi <= max(xs)
+    assert bootstrap_ci(xs) == (lo, hi)  # fixed seed
+    lo2, hi2 = bootstrap_ci(xs * 4)
+    assert hi2 - lo2 < hi - lo
+
+
+def test_a_run_that_never_reached_makes_the_upper_end_infinite():
+    lo, hi = bootstrap_ci([100.0, 120.0, math.inf, 110.0, 90.0])
+    assert math.isfinite(lo) and hi == math.inf
+
+
+def test_paired_ratio():
+    base = {s: 1000.0 + 10 * s for s in range(5)}
+    half = {s: 0.5 * v for s, v in base.items()}
+    r, lo, hi = paired_ratio_ci(half, base)
+    assert r == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    noisy = {0: 400.0, 1: 1300.0, 2: 500.0, 3: 1200.0, 4: 450.0}  # sometimes better, sometimes worse
+    r, lo, hi = paired_ratio_ci(noisy, base)
+    assert lo < 1 < hi  # the interval cannot tell
+    missed = {**half, 2: math.inf}
+    r, lo, hi = paired_ratio_ci(missed, base)
+    assert r == math.inf and hi == math.inf
+    r, lo, hi = paired_ratio_ci(half, {s: math.inf for s in base})  # the baseline never reached it
+    assert math.isnan(r)
+    assert all(math.isnan(x) for x in paired_ratio_ci({9: 1.0}, base))
