@@ -64,8 +64,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-_SET_THREADS = torch.set_num_threads  # the real one: vLLM's CPU worker replaces torch.set_num_threads by a no-op
-
 # sampling workload per shape: (prompts, samples per prompt, max new tokens); --prompts etc. override
 SAMPLING = {"tiny": (64, 8, 64), "large": (32, 8, 48)}
 SAMPLING_QUICK = {"tiny": (32, 8, 32), "large": (16, 8, 32)}
@@ -78,7 +76,9 @@ SHAPES = {
 
 
 def set_threads(n: int) -> None:
-    _SET_THREADS(n)
+    from hca.rollout.vllm import set_torch_threads  # vLLM's CPU worker turns torch.set_num_threads into a no-op
+
+    set_torch_threads(n)
     if torch.get_num_threads() != n:
         raise RuntimeError(f"torch threads are {torch.get_num_threads()}, wanted {n}")
 

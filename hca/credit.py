@@ -335,8 +335,8 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
 def truncated_is_weights(old_logp: Tensor, behaviour_logp: Tensor, mask: Tensor, cap: float
                          ) -> tuple[Tensor, dict[str, Tensor]]:
     """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings
-    you off-policy RL training") for samples drawn by an inference engine whose probabilities differ
-    from the trainer's: ``w = min(exp(old_logp - behaviour_logp), cap)`` per token.
+    you off-policy RL training") for samples drawn by an inference engine whose probabilities are
+    not exactly the trainer's: ``w = min(exp(old_logp - behaviour_logp), cap)`` per token.
 
     ``old_logp`` (the trainer's teacher-forced log-probs of the samples, pi_old), ``behaviour_logp``
     (the sampling engine's), ``mask [N, T]`` -> ``(w [N, T], metrics)``; ``w = 1`` where masked out.

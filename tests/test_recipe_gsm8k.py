@@ -17,17 +17,9 @@ pytestmark = pytest.mark.skipif(not GSM8K.exists(), reason="shared GSM8K data ab
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
-    from hca.pipeline import run_stages
-    from hca.recipes import recipe_stages
-    from hca.tiny_models import build_tiny_models
+    from builders.recipe import run_tiny_recipe
 
-    root = tmp_path_factory.mktemp("recipe")
-    models = build_tiny_models(root / "models", GSM8K, sft_steps=40, prover_sft_steps=40, text_limit=400)
-    out = root / "gsm8k"
-    stages = recipe_stages("gsm8k", models["policy"], models["prover"], models["prm_backbone"], out=str(out),
-                           scale="tiny")
-    run_stages(stages, log_dir=str(root / "logs"))
-    return models, out, stages
+    return run_tiny_recipe(tmp_path_factory.mktemp("recipe"), GSM8K, sft_steps=40, text_limit=400)
 
 
 def _records(out: Path):

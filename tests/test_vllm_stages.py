@@ -182,17 +182,10 @@ def test_rl_with_lora_syncs_merged_weights(folder, tmp_path):
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
     """The GSM8K recipe (collection -> PRM -> RL GRPO / HCA -> evaluation) with ``--engine vllm``."""
-    from hca.pipeline import run_stages
-    from hca.recipes import recipe_stages
-    from hca.tiny_models import build_tiny_models
+    from builders.recipe import run_tiny_recipe
 
-    root = tmp_path_factory.mktemp("recipe_vllm")
-    models = build_tiny_models(root / "models", GSM8K, sft_steps=20, prover_sft_steps=20, text_limit=300)
-    out = root / "gsm8k"
-    stages = recipe_stages("gsm8k", models["policy"], models["prover"], models["prm_backbone"], out=str(out),
-                           scale="tiny", engine="vllm")
-    run_stages(stages, log_dir=str(root / "logs"))
-    return out
+    return run_tiny_recipe(tmp_path_factory.mktemp("recipe_vllm"), GSM8K, sft_steps=20, text_limit=300,
+                           engine="vllm")[1]
 
 
 def test_gsm8k_recipe_runs_on_vllm(recipe_run):

@@ -9,6 +9,7 @@ installed and the model is a checkpoint folder of at least ``auto_min_params`` p
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,27 +68,26 @@ class EngineConfig:
         return asdict(self)
 
 
-def checkpoint_num_params(folder: str) -> int | None:
-    """Parameter count of a checkpoint folder from its safetensors headers (no tensor is read);
-    None when it has none."""
+def checkpoint_shapes(folder: str) -> dict[str, list[int]] | None:
+    """``{tensor name: shape}`` of a checkpoint folder, from its safetensors headers (no tensor is
+    read); None when it is not a folder or holds no safetensors file."""
     root = Path(folder)
-    if not root.is_dir():
-        return None
-    files = sorted(root.glob("*.safetensors"))
+    files = sorted(root.glob("*.safetensors")) if root.is_dir() else []
     if not files:
         return None
-    total = 0
+    shapes: dict[str, list[int]] = {}
     for f in files:
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                count = 1
-                for d in meta["shape"]:
-                    count *= d
-                total += count
-    return total
+        shapes |= {name: meta["shape"] for name, meta in header.items() if name != "__metadata__"}
+    return shapes
+
+
+def checkpoint_num_params(folder: str) -> int | None:
+    """Parameter count of a checkpoint folder (:func:`checkpoint_shapes`); None when it has none."""
+    shapes = checkpoint_shapes(folder)
+    return None if shapes is None else sum(math.prod(shape) for shape in shapes.values())
 
 
 def resolve_engine(cfg: EngineConfig, model_ref: str, setting: str = "engine") -> str:

