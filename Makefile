@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # CPU torch, so they are removed); cpu = always; none = never. On a GPU, install CUDA vLLM yourself.
 VLLM ?= auto
 
-.PHONY: quickstart recipe-tiny test test-all setup sft clean-runs
+.PHONY: quickstart experiment recipe-tiny test test-all setup sft clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) and installing hca (torch $(TORCH_VERSION) first)"
@@ -39,8 +39,15 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The main job: SFT (policy, prover) -> collection -> PRM -> RL (GRPO, HCA) -> evaluation -> report (docs/quickstart.md).
+# REGIME=sparse: the same on 6-10 operation chains, under runs/sparse (hca/regimes.py, docs/experiment.md).
+REGIME ?= default
 quickstart: setup
-	$(PY) -m hca.pipeline
+	$(PY) -m hca.pipeline --regime $(REGIME)
+
+# GRPO against the hierarchical variants over 5 seeds, after `make quickstart` of the same REGIME (docs/experiment.md).
+experiment: setup
+	$(PY) -m hca.experiment --regime $(REGIME) --methods $(EXPERIMENT_METHODS)
+EXPERIMENT_METHODS ?= grpo progress_only hca hca_progress hca_inverse
 
 # The GSM8K recipe (collection -> PRM -> RL -> evaluation) on tiny real-format models built here (docs/recipes.md).
 recipe-tiny: setup

@@ -66,3 +66,32 @@ def paired_ratio_ci(method: dict[int, float], baseline: dict[int, float], level:
         return point, math.nan, math.nan
     draws.sort()
     return point, _percentile(draws, (1 - level) / 2), _percentile(draws, 1 - (1 - level) / 2)
+
+
+def first_reaching_samples(curve: Sequence[tuple[float, float]], target: float) -> float:
+    """RL samples at the first ``(samples, pass@1)`` point with ``pass@1 >= target`` (``inf``: never)."""
+    return next((float(x) for x, y in curve if y >= target - 1e-12), math.inf)
+
+
+def budget_ratio_ci(curves: dict[int, Sequence[tuple[float, float]]], baseline_final: dict[int, float], budget: float,
+                    level: float = 0.95, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """``(ratio, lo, hi)``: the RL samples a method needs to reach the baseline's final pass@1, as a
+    fraction of the budget the baseline spent to get there, over the seeds both have. ``curves[s]``
+    is the method's ``[(samples, pass@1), ...]`` of seed ``s``, ``baseline_final[s]`` the baseline's
+    last pass@1 of that seed. The target is the mean of the baseline finals of the seeds drawn, so
+    each resample redraws the target too (its uncertainty is in the interval). A seed that never
+    reaches it costs ``inf``: then the ratio is ``inf`` (an interval open above says "not shown").
+    A ratio of 0.5 with ``hi < 1`` is the claim "reaches the baseline's final pass@1 with about
+    half its samples"."""
+    seeds = sorted(set(curves) & set(baseline_final))
+    if not seeds or budget <= 0:
+        return math.nan, math.nan, math.nan
+
+    def ratio(ss: Sequence[int]) -> float:
+        target = statistics.fmean(baseline_final[s] for s in ss)
+        return _mean([first_reaching_samples(curves[s], target) for s in ss]) / budget
+
+    point = ratio(seeds)
+    rng = random.Random(seed)
+    draws = sorted(ratio(rng.choices(seeds, k=len(seeds))) for _ in range(n_boot))
+    return point, _percentile(draws, (1 - level) / 2), _percentile(draws, 1 - (1 - level) / 2)

@@ -1,8 +1,9 @@
 """GRPO against HCA and its ablations over several seeds: how many RL samples (and generated tokens,
 prover rollouts included) each needs to reach a target held-out pass@1, and where each ends.
 
-    python -m hca.experiment                                   # 4 methods x 3 seeds, after make quickstart
-    python -m hca.experiment --methods grpo hca --seeds 0 1 2 3 4 --target 0.30
+    python -m hca.experiment                                   # 4 methods x 5 seeds, after make quickstart
+    python -m hca.experiment --methods grpo hca_progress --seeds 0 1 2 3 4 --target 0.30
+    python -m hca.experiment --regime sparse                   # after make quickstart REGIME=sparse
 
 Every run is ``configs/rl/arithmetic_<method>.yaml`` with the quickstart's RL budget
 (:data:`hca.pipeline.QUICKSTART_RL`) and the seed set in all three places it lives (the module's
@@ -10,13 +11,15 @@ sampling seed, ``seed_everything`` and the problem order), so seed ``s`` of ever
 same problems in the same order and starts from the same SFT policy; runs go side by side, one
 thread each, and a rerun skips finished runs. Needs the quickstart's SFT policy and PRM.
 
-Sample efficiency. A run "reaches" the target at the first validation whose pass@1 is at least
-the target; its cost is the RL responses sampled until then (validation points are every
-``val_check_interval`` RL steps, so the cost is resolved to that grid). A run that never reaches it
-is counted as not reaching it (the table says how many did) and left out of the mean cost --
-never given a made-up cost. Tokens: the policy's response tokens during RL, plus, for the methods
-that use step progress, every token generated to collect the PRM's training data (policy samples
-and prover rollouts), paid once per method and charged in full to each run.
+Sample efficiency. A run "reaches" the target (default: GRPO's mean final pass@1) at the first
+validation whose pass@1 is at least the target; its cost is the RL responses sampled until then
+(validation points are every ``val_check_interval`` RL steps, so the cost is resolved to that grid).
+A run that never reaches it is counted as not reaching it (the table says how many did), left out
+of the mean cost, and counted as ``inf`` in the bootstrap intervals -- never given a made-up cost.
+Tokens: the policy's response tokens during RL and the Monte Carlo prover rollouts of the scorers
+that sample (``val/tokens``), plus, for the methods that use the learned PRM, every token generated
+to collect its training data (policy samples and prover rollouts): charged in full to each run, and
+separately amortised over the runs of the experiment that reuse the PRM.
 """
 from __future__ import annotations
 
@@ -48,7 +51,10 @@ def run_overrides(seed: int, overrides: dict | None = None) -> dict:
 
 
 def experiment_stages(out: str = "runs/experiment", methods: list[str] | tuple[str, ...] = METHODS,
-                      seeds: list[int] | tuple[int, ...] = (0, 1, 2), overrides: dict | None = None) -> list[Stage]:
+                      seeds: list[int] | tuple[int, ...] = (0, 1, 2), overrides: dict | None = None,
+                      regime: str = "default") -> list[Stage]:
+    """One RL run per (seed, method), in the task ``regime`` (:mod:`hca.regimes`), seeds outermost
+    (a partial experiment has every method on its first seeds)."""
     stages = []
     for seed in seeds:
         for m in methods:
@@ -57,7 +63,8 @@ def experiment_stages(out: str = "runs/experiment", methods: list[str] | tuple[s
             stages.append(Stage(
                 name=f"{m}-seed{seed}", title=f"{m}, seed {seed}", outputs=[f"{d}/model/config.json"], group="rl",
                 run=lambda m=m, d=d, values=values: fit_from_config(
-                    derived_config(f"configs/rl/arithmetic_{m}.yaml", d, values), f"{d}/model", f"{d}/checkpoints")))
+                    derived_config(f"configs/rl/arithmetic_{m}.yaml", d, values, regime), f"{d}/model",
+                    f"{d}/checkpoints")))
     return stages
 
 
@@ -75,12 +82,15 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collection_tokens: int,
               baseline: str = "grpo") -> list[dict]:
     """One row per method: reached (count), RL samples and tokens to target (mean, std over the
-    runs that reached it), final and best pass@1 (mean, std over all runs), and 95% bootstrap
-    intervals over seeds (:mod:`hca.bootstrap`): of the samples to target (a run that never reached
-    it counts as ``inf``, so such an interval is open above), of the final pass@1, and of the
-    paired ratio ``samples to target / the baseline's`` (``samples_ratio``: point, lo, hi; NaN for
-    the baseline itself or when it is absent)."""
-    from hca.bootstrap import bootstrap_ci, paired_ratio_ci
+    runs that reached it; tokens with the PRM's collection charged in full to each run, and
+    amortised over the runs of this experiment that reuse the PRM), final and best pass@1 (mean,
+    std over all runs), and 95% bootstrap intervals over seeds (:mod:`hca.bootstrap`): of the samples
+    to target (a run that never reached it counts as ``inf``, so such an interval is open above), of
+    the final pass@1, of the paired ratio ``samples to target / the baseline's`` (``samples_ratio``:
+    point, lo, hi), and of ``budget_ratio``: the samples to reach the baseline's own final pass@1 as
+    a fraction of the baseline's budget (the issue's "GRPO's final pass@1 with <= 1/2 of its samples";
+    the target redrawn in every resample). NaN where the baseline is absent."""
+    from hca.bootstrap import bootstrap_ci, budget_ratio_ci, paired_ratio_ci
 
     def cost_by_seed(by_seed: dict[int, list[dict]]) -> dict[int, float]:
         out = {}
@@ -90,23 +100,34 @@ def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collectio
                 out[s] = math.inf if hit is None else float(hit["samples"])
         return out
 
-    base = cost_by_seed(curves[baseline]) if baseline in curves else {}
+    base_runs = {s: c for s, c in curves.get(baseline, {}).items() if c}
+    base = cost_by_seed(base_runs)
+    base_final = {s: c[-1]["pass@1"] for s, c in base_runs.items()}
+    budget = statistics.fmean(c[-1]["samples"] for c in base_runs.values()) if base_runs else math.nan
+    prm_runs = sum(1 for m, by in curves.items() if m in USES_PROGRESS for c in by.values() if c)
     rows = []
     for m, by_seed in curves.items():
-        hits = [first_reaching(c, target) for c in by_seed.values() if c]
-        extra = collection_tokens if m in USES_PROGRESS else 0
+        runs = {s: c for s, c in by_seed.items() if c}
+        hits = [first_reaching(c, target) for c in runs.values()]
+        uses_prm = m in USES_PROGRESS
+        full, amortised = (collection_tokens, collection_tokens / max(prm_runs, 1)) if uses_prm else (0, 0)
         reached = [h for h in hits if h is not None]
-        finals = [c[-1]["pass@1"] for c in by_seed.values() if c]
-        costs = cost_by_seed(by_seed)
+        finals = [c[-1]["pass@1"] for c in runs.values()]
+        costs = cost_by_seed(runs)
+        pairs = {s: [(p["samples"], p["pass@1"]) for p in c] for s, c in runs.items()}
         rows.append({"method": m, "runs": len(finals), "reached": len(reached),
                      "samples_to_target": _mean_std([h["samples"] for h in reached]),
                      "samples_to_target_ci": bootstrap_ci(list(costs.values())),
-                     "tokens_to_target": _mean_std([h["tokens"] + extra for h in reached]),
+                     "tokens_to_target": _mean_std([h["tokens"] + full for h in reached]),
+                     "tokens_to_target_amortised": _mean_std([h["tokens"] + amortised for h in reached]),
+                     "collection_tokens_charged": [full, amortised],
                      "final_pass@1": _mean_std(finals), "final_pass@1_ci": bootstrap_ci(finals),
                      "samples_ratio": (paired_ratio_ci(costs, base) if m != baseline and base else
                                        (math.nan, math.nan, math.nan)),
-                     "start_pass@1": _mean_std([c[0]["pass@1"] for c in by_seed.values() if c]),
-                     "best_pass@1": _mean_std([max(p["pass@1"] for p in c) for c in by_seed.values() if c])})
+                     "budget_ratio": (budget_ratio_ci(pairs, base_final, budget) if base_final else
+                                      (math.nan, math.nan, math.nan)),
+                     "start_pass@1": _mean_std([c[0]["pass@1"] for c in runs.values()]),
+                     "best_pass@1": _mean_std([max(p["pass@1"] for p in c) for c in runs.values()])})
     return rows
 
 
@@ -121,50 +142,67 @@ def _pm(ms: tuple[float, float], fmt: str = ".3f") -> str:
     return "n/a" if math.isnan(ms[0]) else f"{ms[0]:{fmt}} ± {ms[1]:{fmt}}"
 
 
-def markdown(rows: list[dict], target: float) -> str:
+def _ratio(r: tuple[float, float, float]) -> str:
+    point = r[0]
+    if math.isnan(point):
+        return "n/a"
+    return f"{'∞' if math.isinf(point) else format(point, '.2f')} {_ci(r, '.2f')}"
+
+
+def markdown(rows: list[dict], target: float, baseline: str = "grpo") -> str:
     from hca.report import md_table
 
-    header = ["method", "runs reaching target", "RL samples to target", "95% CI", "samples vs GRPO (95% CI)",
-              "tokens to target (M)", "start pass@1", "final pass@1", "95% CI", "best pass@1"]
-
-    def ratio(r):
-        point = r["samples_ratio"][0]
-        if math.isnan(point):
-            return "n/a"
-        return f"{'∞' if math.isinf(point) else format(point, '.2f')} {_ci(r['samples_ratio'], '.2f')}"
-
+    header = ["method", "runs reaching target", "RL samples to target", "95% CI", f"samples vs {baseline} (95% CI)",
+              f"samples to {baseline}'s final / its budget (95% CI)", "tokens to target (M): PRM data in full",
+              "amortised", "start pass@1", "final pass@1", "95% CI", "best pass@1"]
     table = md_table(header, [[r["method"], f"{r['reached']}/{r['runs']}", _pm(r["samples_to_target"], ".0f"),
-                               _ci(r["samples_to_target_ci"], ".0f"), ratio(r),
-                               _pm(tuple(x / 1e6 for x in r["tokens_to_target"]), ".2f"), _pm(r["start_pass@1"]),
-                               _pm(r["final_pass@1"]), _ci(r["final_pass@1_ci"]), _pm(r["best_pass@1"])] for r in rows])
+                               _ci(r["samples_to_target_ci"], ".0f"), _ratio(r["samples_ratio"]),
+                               _ratio(r["budget_ratio"]),
+                               _pm(tuple(x / 1e6 for x in r["tokens_to_target"]), ".2f"),
+                               _pm(tuple(x / 1e6 for x in r["tokens_to_target_amortised"]), ".2f"),
+                               _pm(r["start_pass@1"]), _pm(r["final_pass@1"]), _ci(r["final_pass@1_ci"]),
+                               _pm(r["best_pass@1"])] for r in rows])
     return (f"Target held-out pass@1: {target:.3f}. Mean ± std over seeds (samples and tokens: over the runs that "
             "reached it); 95% percentile-bootstrap intervals over seeds (samples: a run that never reached the "
-            "target counts as ∞; samples vs GRPO: the paired ratio of mean samples to target).\n\n" + table)
+            f"target counts as ∞; samples vs {baseline}: the paired ratio of mean samples to target; samples to "
+            f"{baseline}'s final: the samples to reach {baseline}'s mean final pass@1 over its whole budget, the "
+            "target redrawn in each resample). Tokens: every generated token (policy responses during RL, Monte "
+            "Carlo prover rollouts, and for the PRM methods the PRM's collection: charged in full to each run, or "
+            "amortised over this experiment's runs that reuse the PRM).\n\n" + table)
 
 
-def plot(curves: dict[str, dict[int, list[dict]]], target: float, path: Path) -> None:
+def plot(curves: dict[str, dict[int, list[dict]]], target: float, path: Path, rows: list[dict] | None = None) -> None:
+    """Mean ± std over seeds of held-out pass@1 against RL samples, and against all generated tokens
+    with the PRM's collection charged in full and amortised (``rows`` give each method's charge)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    charge = {r["method"]: r["collection_tokens_charged"] for r in rows or []}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), sharey=True)
+    xlabels = ["RL responses sampled", "all generated tokens (M): PRM collection in full",
+               "all generated tokens (M): PRM collection amortised"]
     for i, (m, by_seed) in enumerate(curves.items()):
         runs = [c for c in by_seed.values() if c]
         if not runs:
             continue
         xs = sorted({p["samples"] for c in runs for p in c})
-        pts = [[p["pass@1"] for c in runs for p in c if p["samples"] == x] for x in xs]
-        mean = [statistics.fmean(v) for v in pts]
-        sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in pts]
-        color = f"C{i}"
-        ax.plot(xs, mean, "o-", color=color, label=f"{m} ({len(runs)} seeds)")
-        ax.fill_between(xs, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)], color=color, alpha=0.15)
-    ax.axhline(target, color="gray", ls="--", lw=1, label="target")
-    ax.set_xlabel("RL responses sampled")
-    ax.set_ylabel("held-out pass@1 (validation), mean ± std")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        pts = [[p for c in runs for p in c if p["samples"] == x] for x in xs]
+        mean = [statistics.fmean(p["pass@1"] for p in v) for v in pts]
+        sd = [statistics.stdev([p["pass@1"] for p in v]) if len(v) > 1 else 0.0 for v in pts]
+        toks = [statistics.fmean(p["tokens"] for p in v) for v in pts]
+        full, amortised = charge.get(m, (0, 0))
+        for ax, x in zip(axes, [xs, [(t + full) / 1e6 for t in toks], [(t + amortised) / 1e6 for t in toks]]):
+            ax.plot(x, mean, "o-", ms=3, color=f"C{i}", label=f"{m} ({len(runs)} seeds)")
+            ax.fill_between(x, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)], color=f"C{i}",
+                            alpha=0.12)
+    for ax, xl in zip(axes, xlabels):
+        ax.axhline(target, color="gray", ls="--", lw=1)
+        ax.set_xlabel(xl)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out pass@1 (validation), mean ± std")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -176,13 +214,66 @@ def collect_results(out: str, methods, seeds) -> dict[str, dict[int, list[dict]]
     return {m: {s: validation_curve(read_metrics(run_dir(out, m, s))) for s in seeds} for m in methods}
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def default_target(curves: dict[str, dict[int, list[dict]]], baseline: str = "grpo") -> float:
+    """The baseline's mean final pass@1 (what "reaching GRPO's final pass@1" means), or, without a
+    baseline run, the mean start pass@1 + 0.10."""
+    finals = [c[-1]["pass@1"] for c in curves.get(baseline, {}).values() if c]
+    if finals:
+        return round(statistics.fmean(finals), 4)
+    starts = [c[0]["pass@1"] for by in curves.values() for c in by.values() if c]
+    return round(statistics.fmean(starts) + 0.10, 3) if starts else math.nan
+
+
+DIAGNOSTICS = {
+    "reward": "train reward",
+    "zero_var_groups": "groups with no outcome signal",
+    "adv_std": "token advantage std",
+    "progress_abs_mean": "|step progress|",
+    "weight_max": "largest entropy weight",
+    "time_step": "seconds per RL step",
+}
+"""The ``train/`` figures :func:`training_diagnostics` averages over RL steps (why a method learns
+as it does: how many groups carry no outcome signal, how large and noisy the credit is)."""
+
+
+def training_diagnostics(out: str, methods, seeds) -> dict[str, dict[str, float]]:
+    """Per method, the mean over RL steps and seeds of each :data:`DIAGNOSTICS` figure (NaN where
+    a method does not log it, e.g. progress under GRPO)."""
+    from hca.report import read_metrics
+
+    res = {}
+    for m in methods:
+        rows = [r for s in seeds for r in read_metrics(run_dir(out, m, s)) if "train/reward" in r]
+        res[m] = {k: (statistics.fmean(v) if (v := [r[f"train/{k}"] for r in rows if f"train/{k}" in r]) else math.nan)
+                  for k in DIAGNOSTICS}
+    return res
+
+
+def diagnostics_markdown(diag: dict[str, dict[str, float]]) -> str:
+    from hca.report import md_table
+
+    return ("Training diagnostics, mean over RL steps and seeds:\n\n"
+            + md_table(["method", *DIAGNOSTICS.values()],
+                       [[m, *("n/a" if math.isnan(d[k]) else f"{d[k]:.3f}" for k in DIAGNOSTICS)]
+                        for m, d in diag.items()]))
+
+
 def main(argv=None) -> dict:
+    from hca.regimes import REGIMES, get_regime
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/experiment", help="where the runs and the results go")
+    ap.add_argument("--regime", default="default", choices=sorted(REGIMES), help="task regime (hca.regimes)")
+    ap.add_argument("--out", default=None, help="where the runs and the results go (default: <regime root>/experiment)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help="configs/rl/arithmetic_<method>.yaml")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="RL seeds")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="RL seeds")
     ap.add_argument("--target", type=float, default=None,
-                    help="held-out pass@1 to reach (default: start pass@1 + 0.10)")
+                    help="held-out pass@1 to reach (default: GRPO's mean final pass@1; without GRPO, start + 0.10)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                     help="extra overrides of every run's config, e.g. trainer.max_steps=120")
     ap.add_argument("--max-parallel", type=int, default=None, help="runs side by side (default: the CPUs available)")
@@ -190,29 +281,31 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     import yaml
 
+    reg = get_regime(a.regime)
+    out_dir = a.out or f"{reg.root}/experiment"
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
-    plan_args = {"out": a.out, "methods": a.methods, "seeds": a.seeds, "overrides": overrides}
+    plan_args = {"out": out_dir, "methods": a.methods, "seeds": a.seeds, "overrides": overrides, "regime": reg.name}
     if not a.summary_only:
         run_stages(experiment_stages(**plan_args), plan="hca.experiment:experiment_stages", plan_args=plan_args,
-                   log_dir=f"{a.out}/logs", max_parallel=a.max_parallel)
+                   log_dir=f"{out_dir}/logs", max_parallel=a.max_parallel)
     from hca.report import collection_tokens
 
-    curves = collect_results(a.out, a.methods, a.seeds)
-    starts = [c[0]["pass@1"] for by in curves.values() for c in by.values() if c]
-    target = a.target if a.target is not None else round(statistics.fmean(starts) + 0.10, 3)
+    curves = collect_results(out_dir, a.methods, a.seeds)
+    target = a.target if a.target is not None else default_target(curves)
     try:
-        ctok = collection_tokens()
+        ctok = collection_tokens(f"{reg.root}/collect/arithmetic")
     except (OSError, KeyError, ValueError):
         ctok = 0
     rows = summarize(curves, target, ctok)
-    out = Path(a.out)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(rows, target)
-    (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"target": target, "collection_tokens": ctok, "rows": rows,
-                                                  "curves": {m: {str(s): c for s, c in by.items()} for m, by in curves.items()}},
-                                                 indent=1))
-    plot(curves, target, out / "curves.png")
+    diag = training_diagnostics(out_dir, a.methods, a.seeds)
+    md = f"Regime: {reg.name} ({reg.description}).\n\n" + markdown(rows, target) + "\n\n" + diagnostics_markdown(diag)
+    _write_atomic(out / "results.md", md)
+    _write_atomic(out / "results.json", json.dumps({"regime": reg.name, "target": target, "collection_tokens": ctok,
+                                                  "rows": rows, "diagnostics": diag, "curves": {m: {str(s): c for s, c in by.items()}
+                                                                           for m, by in curves.items()}}, indent=1))
+    plot(curves, target, out / "curves.png", rows)
     print(md)
     print(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'curves.png'}")
     return {"target": target, "rows": rows}

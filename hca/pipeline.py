@@ -3,6 +3,7 @@ config, each skipped when its output already exists, and resumed from its last c
 was killed midway.
 
     python -m hca.pipeline                 # what `make quickstart` runs
+    python -m hca.pipeline --regime sparse # the same on 6-10 operation chains (runs/sparse; hca.regimes)
     python -m hca.pipeline --only sft-policy --force
     python -m hca.pipeline --recipe gsm8k --policy PATH --prover PATH --prm-backbone PATH   # real models (hca.recipes)
     python -m hca.pipeline --recipe gsm8k --tiny                                            # tiny real-format models, CPU
@@ -41,20 +42,25 @@ def banner(text: str) -> None:
     print(f"\n{line}\n==  {text}\n{line}", flush=True)
 
 
-def derived_config(base: str, out_dir: str, values: dict[str, Any] | None = None) -> str:
-    """Write ``out_dir/config.yaml``: the YAML ``base`` with its output folder (its
+def derived_config(base: str, out_dir: str, values: dict[str, Any] | None = None, regime: str = "default") -> str:
+    """Write ``out_dir/config.yaml``: the YAML ``base`` in the task ``regime`` (:mod:`hca.regimes`:
+    every ``runs/`` path moved under the regime's root, its keys set), with its output folder (its
     ``trainer.default_root_dir``) replaced by ``out_dir`` in every value that names it (loggers,
     checkpoints, export), then the dotted keys of ``values`` set (``"model.init_args.seed": 3``).
     The written file is the run's exact recipe (``python train.py fit --config out_dir/config.yaml``)."""
     import yaml
 
-    text = Path(base).read_text()
+    from hca.regimes import get_regime, move_root, regime_values
+
+    reg = get_regime(regime)
+    text = move_root(Path(base).read_text(), reg.root)
     cfg = yaml.safe_load(text)
     old = cfg.get("trainer", {}).get("default_root_dir")
     if not old:
         raise ValueError(f"{base}: trainer.default_root_dir is not set, so its output folder is unknown")
     cfg = yaml.safe_load(text.replace(old, out_dir))
-    for key, value in (values or {}).items():
+    values = {**regime_values(reg, cfg), **(values or {})}
+    for key, value in values.items():
         node, parts = cfg, key.split(".")
         for i, part in enumerate(parts):
             index = int(part) if isinstance(node, list) and part.isdigit() else part
@@ -71,7 +77,8 @@ def derived_config(base: str, out_dir: str, values: dict[str, Any] | None = None
     out = Path(out_dir) / "config.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(f"# Derived from {base} by hca.pipeline.derived_config; overrides: {json.dumps(values or {})}\n"
+    tmp.write_text(f"# Derived from {base} by hca.pipeline.derived_config; regime {reg.name}; "
+                   f"overrides: {json.dumps(values)}\n"
                    + yaml.safe_dump(cfg, sort_keys=False))
     tmp.replace(out)
     return str(out)
@@ -132,19 +139,35 @@ def evaluate_checkpoints(models: dict[str, str], problems_file: str, out_json: s
     return results
 
 
+QUICKSTART_METHODS = ("grpo", "hca")
+"""The RL methods the quickstart trains side by side (configs/rl/arithmetic_<method>.yaml)."""
+
 QUICKSTART_RL: dict[str, Any] = {
     "trainer.max_steps": 200,  # 100 RL steps (2 optimizer updates each) x 128 responses = 12,800 RL samples per run
-    "trainer.val_check_interval": 20,  # held-out pass@1 every 20 RL steps (plus the start): the learning curves
+    "trainer.val_check_interval": 10,  # held-out pass@1 every 10 RL steps (plus the start): the learning curves
+    "data.init_args.num_val": 512,  # on 512 validation problems (a curve point's standard error about 0.02)
+    "model.init_args.validation.n": 1,  # one sample each at the policy's temperature (pass@1 is unbiased with n = 1)
+    "model.init_args.validation.ks": [1],  # pass@1 (and maj@1 = pass@1)
     "trainer.callbacks.0.init_args.every_n_train_steps": 40,  # last.ckpt every 20 RL steps: a killed run resumes
 }
 """What the quickstart (and :mod:`hca.experiment`) changes in ``configs/rl/arithmetic_*.yaml``: a
-shorter run, validated more often, checkpointed more often."""
+shorter run, validated more often and on more problems (one sample each: the curve's resolution in
+RL steps and problems buys more than samples per problem), checkpointed more often."""
 
 
-def quickstart_stages() -> list[Stage]:
+def quickstart_stages(regime: str = "default") -> list[Stage]:
     """The stages of `make quickstart`. Paths are those the YAML configs name (under ``runs/``);
-    the RL runs and everything the quickstart adds land in ``runs/quickstart``."""
-    root, qs = "runs", "runs/quickstart"
+    the RL runs and everything the quickstart adds land in ``runs/quickstart``. Another task
+    ``regime`` (:mod:`hca.regimes`, e.g. ``sparse``) runs the same stages with every path under its
+    root (``runs/sparse/...``), each stage from a derived config written next to its outputs."""
+    from hca.regimes import get_regime
+
+    reg = get_regime(regime)
+    root, qs = reg.root, f"{reg.root}/quickstart"
+
+    def config(base: str, out: str, values: dict | None = None) -> str:
+        return base if reg.name == "default" and not values else derived_config(base, out, values, reg.name)
+
     sft = {
         "policy": ("configs/sft/arithmetic.yaml", f"{root}/sft/policy"),
         "prover": ("configs/sft/arithmetic_prover.yaml", f"{root}/sft/prover"),
@@ -152,36 +175,45 @@ def quickstart_stages() -> list[Stage]:
     stages = []
     for who, (cfg, out) in sft.items():
         stages.append(Stage(
-            name=f"sft-{who}", title=f"SFT of the {who} ({cfg})", outputs=[f"{out}/model/config.json"], group="sft",
-            run=lambda cfg=cfg, out=out: fit_from_config(cfg, f"{out}/model", f"{out}/checkpoints")))
+            name=f"sft-{who}", title=f"SFT of the {who} ({cfg}{_regime_tag(reg)})", outputs=[f"{out}/model/config.json"],
+            group="sft", run=lambda cfg=cfg, out=out: fit_from_config(config(cfg, out), f"{out}/model", f"{out}/checkpoints")))
+    collect_dir, prm_dir = f"{root}/collect/arithmetic", f"{root}/prm/arithmetic"
     stages.append(Stage(
-        name="collect", title="Prover-labeled trajectories (configs/collect/arithmetic.yaml)",
-        outputs=[f"{root}/collect/arithmetic/manifest.json"],
-        run=lambda: predict_from_config("configs/collect/arithmetic.yaml")))
+        name="collect", title=f"Prover-labeled trajectories (configs/collect/arithmetic.yaml{_regime_tag(reg)})",
+        outputs=[f"{collect_dir}/manifest.json"],
+        run=lambda: predict_from_config(config("configs/collect/arithmetic.yaml", collect_dir))))
     stages.append(Stage(
-        name="prm", title="Progress PRM (configs/prm/arithmetic.yaml)", outputs=[f"{root}/prm/arithmetic/model/prm_config.json"],
-        run=lambda: fit_from_config("configs/prm/arithmetic.yaml", f"{root}/prm/arithmetic/model",
-                                    f"{root}/prm/arithmetic/checkpoints")))
-    rl = {m: (f"configs/rl/arithmetic_{m}.yaml", f"{qs}/rl/{m}") for m in ("grpo", "hca")}
+        name="prm", title=f"Progress PRM (configs/prm/arithmetic.yaml{_regime_tag(reg)})",
+        outputs=[f"{prm_dir}/model/prm_config.json"],
+        run=lambda: fit_from_config(config("configs/prm/arithmetic.yaml", prm_dir), f"{prm_dir}/model",
+                                    f"{prm_dir}/checkpoints")))
+    rl = {m: (f"configs/rl/arithmetic_{m}.yaml", f"{qs}/rl/{m}") for m in QUICKSTART_METHODS}
     for m, (cfg, out) in rl.items():
         stages.append(Stage(
-            name=f"rl-{m}", title=f"RL with {m.upper()} from the SFT policy ({cfg})", outputs=[f"{out}/model/config.json"],
-            group="rl", run=lambda cfg=cfg, out=out: fit_from_config(derived_config(cfg, out, QUICKSTART_RL),
-                                                                     f"{out}/model", f"{out}/checkpoints")))
+            name=f"rl-{m}", title=f"RL with {m.upper()} from the SFT policy ({cfg}{_regime_tag(reg)})",
+            outputs=[f"{out}/model/config.json"], group="rl",
+            run=lambda cfg=cfg, out=out: fit_from_config(config(cfg, out, QUICKSTART_RL), f"{out}/model",
+                                                         f"{out}/checkpoints")))
     models = {"sft": f"{root}/sft/policy/model", **{m: f"{out}/model" for m, (_, out) in rl.items()}}
+    test_file = f"{root}/data/arithmetic/test.jsonl"
     stages.append(Stage(
-        name="eval", title="Held-out test evaluation: SFT, GRPO, HCA", outputs=[f"{qs}/eval.json"],
-        run=lambda: evaluate_checkpoints(models, f"{root}/data/arithmetic/test.jsonl", f"{qs}/eval.json", n=8)))
+        name="eval", title=f"Held-out test evaluation: {', '.join(n.upper() for n in models)}", outputs=[f"{qs}/eval.json"],
+        run=lambda: evaluate_checkpoints(models, test_file, f"{qs}/eval.json", n=8,
+                                         max_new_tokens=reg.eval_max_new_tokens)))
     stages.append(Stage(
-        name="report", title="Report: runs/quickstart/report.{md,html}", outputs=[f"{qs}/report.html"],
-        run=lambda: _report(qs)))
+        name="report", title=f"Report: {qs}/report.{{md,html}}", outputs=[f"{qs}/report.html"],
+        run=lambda: _report(qs, tuple(rl), collect_dir, prm_dir, models["sft"], test_file)))
     return stages
 
 
-def _report(out_dir: str) -> None:
+def _regime_tag(reg) -> str:
+    return "" if reg.name == "default" else f", {reg.name} regime"
+
+
+def _report(out_dir: str, methods: tuple[str, ...], collect_dir: str, prm_dir: str, policy: str, test_file: str) -> None:
     from hca.report import write_report
 
-    paths = write_report(out_dir)
+    paths = write_report(out_dir, methods, collect_dir, prm_dir, policy, test_file)
     print("\n".join(f"  {k}: {v}" for k, v in paths.items()))
 
 
@@ -314,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plan-args", default="{}", help="JSON keyword arguments of the plan function")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: torch's default)")
     ap.add_argument("--max-parallel", type=int, default=None, help="runs side by side (default: the CPUs available)")
+    ap.add_argument("--regime", default=None, help="the embedded task's regime (hca.regimes): default | sparse")
     ap.add_argument("--recipe", choices=("gsm8k", "math"), help="a real-data recipe (hca.recipes) instead of the quickstart")
     ap.add_argument("--policy", help="recipe: the policy's local model folder (a chat model)")
     ap.add_argument("--prover", help="recipe: the prover's local model folder")
@@ -333,6 +366,15 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(a.threads)
     plan, plan_args, log_dir = a.plan, json.loads(a.plan_args), "runs/quickstart/logs"
+    if a.regime is not None:
+        from hca.regimes import get_regime
+
+        try:
+            reg = get_regime(a.regime)
+        except ValueError as e:
+            raise SystemExit(f"error: --regime: {e}")
+        plan_args = {**plan_args, "regime": reg.name}
+        log_dir = f"{reg.root}/quickstart/logs"
     if a.recipe:
         plan = "hca.recipes:recipe_stages"
         plan_args = {"recipe": a.recipe, "policy": a.policy, "prover": a.prover, "prm_backbone": a.prm_backbone,

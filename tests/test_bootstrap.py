@@ -48,3 +48,20 @@ def test_paired_ratio():
     r, lo, hi = paired_ratio_ci(half, {s: math.inf for s in base})  # the baseline never reached it
     assert math.isnan(r)
     assert all(math.isnan(x) for x in paired_ratio_ci({9: 1.0}, base))
+
+
+def test_budget_ratio_by_hand():
+    from hca.bootstrap import budget_ratio_ci, first_reaching_samples
+
+    fast = {0: [(0, .2), (100, .32), (200, .35)], 1: [(0, .2), (100, .30), (200, .40)]}
+    finals = {0: .30, 1: .30}
+    assert first_reaching_samples(fast[0], .30) == 100 and first_reaching_samples(fast[0], .9) == math.inf
+    assert budget_ratio_ci(fast, finals, 200) == (0.5, 0.5, 0.5)  # both seeds reach 0.30 at 100 of 200 samples
+    # the target is redrawn with the seeds: finals 0.30 and 0.34 give 0.32 on the full draw (seed 1 reaches
+    # it at 200), 0.30 on draws of seed 0 only (both at 100), 0.34 on seed 1 only (seed 0 at 200, seed 1 at 200)
+    point, lo, hi = budget_ratio_ci(fast, {0: .30, 1: .34}, 200)
+    assert point == pytest.approx((100 + 200) / 2 / 200) and lo == pytest.approx(0.5) and hi == pytest.approx(1.0)
+    miss = {0: fast[0], 1: [(0, .2), (200, .25)]}
+    point, lo, hi = budget_ratio_ci(miss, finals, 200)
+    assert math.isinf(point) and lo == 0.5 and math.isinf(hi)  # a seed that never reaches it: open above
+    assert all(math.isnan(x) for x in budget_ratio_ci(fast, {}, 200))

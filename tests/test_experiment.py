@@ -48,3 +48,75 @@ def test_stages_put_the_seed_everywhere(tmp_path):
     cfg = yaml.safe_load(open(derived_config("configs/rl/arithmetic_hca.yaml", d, run_overrides(3))))
     assert cfg["seed_everything"] == cfg["model"]["init_args"]["seed"] == cfg["data"]["init_args"]["seed"] == 3
     assert cfg["model"]["init_args"]["export_dir"] == f"{d}/model"
+
+
+def test_amortised_collection_budget_ratio_and_default_target():
+    from hca.experiment import default_target
+
+    curves = {
+        "grpo": {0: curve([(0, .2), (100, .25), (200, .30)]), 1: curve([(0, .2), (100, .28), (200, .30)])},
+        "hca": {0: curve([(0, .2), (100, .32), (200, .35)]), 1: curve([(0, .2), (100, .30), (200, .40)])},
+        "progress_only": {0: curve([(0, .2), (100, .30), (200, .31)]), 1: []},  # seed 1 not run yet
+    }
+    assert default_target(curves) == pytest.approx(0.30)  # GRPO's mean final pass@1
+    assert default_target({"hca": curves["hca"]}) == pytest.approx(0.30)  # no GRPO: start 0.2 + 0.10
+    rows = {r["method"]: r for r in summarize(curves, target=0.30, collection_tokens=3000)}
+    h, p, g = rows["hca"], rows["progress_only"], rows["grpo"]
+    # 3 runs reuse the PRM (hca x 2, progress_only x 1): 1000 tokens each when amortised, 3000 in full
+    assert h["tokens_to_target"] == (3000 + 3000, 0.0) and h["tokens_to_target_amortised"] == (3000 + 1000, 0.0)
+    assert p["tokens_to_target_amortised"] == (3000 + 1000, 0.0) and g["tokens_to_target_amortised"] == (6000, 0.0)
+    assert h["budget_ratio"] == (0.5, 0.5, 0.5)  # both seeds reach GRPO's final 0.30 at half its 200 samples
+    assert g["budget_ratio"] == (1.0, 1.0, 1.0)  # GRPO reaches its own final at the end
+    md = markdown(list(rows.values()), 0.30)
+    assert "| hca | 2/2 | 100 ± 0 | [100, 100] | 0.50 [0.50, 0.50] | 0.50 [0.50, 0.50] | 0.01 ± 0.00 | 0.00 ± 0.00 |" in md
+
+
+def test_experiment_stages_take_the_regime(tmp_path):
+    from hca.experiment import run_dir, run_overrides
+
+    stages = experiment_stages(out=str(tmp_path), methods=["grpo"], seeds=[0], regime="sparse")
+    assert len(stages) == 1
+    from hca.pipeline import derived_config
+
+    cfg = yaml.safe_load(open(derived_config("configs/rl/arithmetic_grpo.yaml", run_dir(str(tmp_path), "grpo", 0),
+                                             run_overrides(0), "sparse")))
+    assert cfg["model"]["init_args"]["policy"] == "runs/sparse/sft/policy/model"
+    assert cfg["model"]["init_args"]["sampling"]["max_new_tokens"] == 128
+    assert cfg["data"]["init_args"]["num_val"] == 512 and cfg["trainer"]["val_check_interval"] == 10
+
+
+def test_summary_only_writes_tables_diagnostics_and_plot(tmp_path):
+    """The experiment's own output path on written metrics (two methods, two seeds, CSVs as the
+    RL module logs them): results.md with both tables, results.json, the three-panel plot."""
+    import csv
+    import json
+
+    from hca.experiment import main
+
+    def write(method, seed, finals):
+        d = tmp_path / method / f"seed{seed}" / "logs" / "version_0"
+        d.mkdir(parents=True)
+        rows = []
+        for step, p in enumerate(finals):
+            rows.append({"step": step, "val/pass@1": p, "val/samples": step * 128, "val/tokens": step * 128 * 30})
+            rows.append({"step": step, "train/reward": 0.2 + 0.01 * step, "train/zero_var_groups": 0.5,
+                         "train/adv_std": 1.0, "train/weight_max": 1.0, "train/time_step": 1.0,
+                         **({"train/progress_abs_mean": 0.1} if method == "hca" else {})})
+        keys = sorted({k for r in rows for k in r})
+        with open(d / "metrics.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, keys)
+            w.writeheader()
+            w.writerows(rows)
+
+    for s in (0, 1):
+        write("grpo", s, [0.2, 0.25, 0.3])
+        write("hca", s, [0.2, 0.3, 0.35])
+    res = main(["--out", str(tmp_path), "--methods", "grpo", "hca", "--seeds", "0", "1", "--summary-only"])
+    assert res["target"] == pytest.approx(0.3)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["hca"]["budget_ratio"] == (0.5, 0.5, 0.5) and rows["hca"]["samples_ratio"][0] == pytest.approx(0.5)
+    md = (tmp_path / "results.md").read_text()
+    assert "Regime: default" in md and "groups with no outcome signal" in md
+    assert "| grpo | 0.210 | 0.500 | 1.000 | n/a |" in md and "| hca | 0.210 | 0.500 | 1.000 | 0.100 |" in md
+    assert json.loads((tmp_path / "results.json").read_text())["diagnostics"]["hca"]["progress_abs_mean"] == pytest.approx(0.1)
+    assert (tmp_path / "curves.png").stat().st_size > 10_000

@@ -1,0 +1,100 @@
+"""Regimes of the embedded arithmetic task: the same pipeline and configs at another difficulty,
+chosen by one setting (``python -m hca.pipeline --regime sparse``, ``make quickstart REGIME=sparse``,
+``python -m hca.experiment --regime sparse``).
+
+A regime moves every output under its own folder (every ``runs/...`` path the configs name becomes
+``<root>/...``, so the two regimes never mix data, checkpoints or results) and sets a few dotted
+config keys. One table serves every stage's YAML: a key is set in each config that has it
+(``model.init_args.scorer.init_args.sampling.max_new_tokens`` only touches the configs whose scorer
+samples), and :func:`check_regime` fails if a key reaches no config at all (a typo is an error, not
+a silent no-op).
+
+``sparse`` is where outcome credit is thinnest: chains of 6-10 operations instead of 3-5, so the SFT
+policy starts near a pass@1 of 0.05 and most GRPO groups of 8 are all-fail (zero advantage, no
+gradient), while step progress still says which lines went wrong. Budgets grow with the chains:
+responses up to 128 tokens (the longest gold solution is 96 characters), PRM sequences of 256
+(the SFT configs' own length).
+The collection labels 1,024 problems instead of 2,048 (each holds twice the steps, so about the
+same number of step labels at twice the cost per label).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str  # what --regime takes
+    root: str  # every "runs/..." path of the configs becomes "<root>/..."
+    description: str  # one line for banners and docs
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value, set where the key exists
+    eval_max_new_tokens: int = 64  # response budget of the final held-out evaluation
+
+
+_SPARSE_TOKENS = 128
+REGIMES: dict[str, Regime] = {
+    "default": Regime("default", "runs", "3-5 operations per problem (SFT pass@1 about 0.2)"),
+    "sparse": Regime(
+        "sparse", "runs/sparse", "6-10 operations per problem: sparse outcome reward (SFT pass@1 about 0.05)",
+        overrides={
+            # the task (SFT configs write the problem files)
+            "data.init_args.arithmetic.difficulty.min_steps": 6,
+            "data.init_args.arithmetic.difficulty.max_steps": 10,
+            # response budgets: SFT validation, collection (policy and prover), RL sampling and validation, MC scorers
+            "model.init_args.sampling_eval.max_new_tokens": _SPARSE_TOKENS,
+            "model.init_args.collection.policy.max_new_tokens": _SPARSE_TOKENS,
+            "model.init_args.collection.prover.max_new_tokens": _SPARSE_TOKENS,
+            "model.init_args.sampling.max_new_tokens": _SPARSE_TOKENS,
+            "model.init_args.validation.max_new_tokens": _SPARSE_TOKENS,
+            "model.init_args.scorer.init_args.sampling.max_new_tokens": _SPARSE_TOKENS,
+            # collection size and PRM sequence length
+            "data.init_args.limit": 1024,
+            "data.init_args.max_length": 256,
+        },
+        eval_max_new_tokens=_SPARSE_TOKENS),
+}
+
+
+def get_regime(regime: str | Regime) -> Regime:
+    if isinstance(regime, Regime):
+        return regime
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose one of {sorted(REGIMES)}")
+    return REGIMES[regime]
+
+
+def move_root(text: str, root: str) -> str:
+    """The YAML ``text`` with every ``runs/`` path moved under ``root`` (unchanged for ``runs``)."""
+    root = root.rstrip("/")
+    if root == "runs":
+        return text
+    return text.replace("runs/", f"{root}/")
+
+
+def applicable(cfg: dict, key: str) -> bool:
+    """Whether the dotted ``key`` exists in ``cfg`` with a value that is not a mapping (a regime
+    changes settings a config has; it never adds one, which its class might not accept)."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return not isinstance(node, dict)
+
+
+def regime_values(regime: str | Regime, cfg: dict) -> dict[str, Any]:
+    """The regime's overrides that apply to the config ``cfg`` (a loaded YAML)."""
+    return {k: v for k, v in get_regime(regime).overrides.items() if applicable(cfg, k)}
+
+
+def check_regime(regime: str | Regime, configs: list[str]) -> None:
+    """Raise if one of the regime's keys applies to none of ``configs`` (YAML paths)."""
+    import yaml
+    from pathlib import Path
+
+    r = get_regime(regime)
+    loaded = [yaml.safe_load(Path(c).read_text()) for c in configs]
+    unused = [k for k in r.overrides if not any(applicable(c, k) for c in loaded)]
+    if unused:
+        raise ValueError(f"regime {r.name!r}: {unused} set nothing in {configs} (misspelled?)")
