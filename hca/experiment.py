@@ -208,10 +208,14 @@ def plot(curves: dict[str, dict[int, list[dict]]], target: float, path: Path, ro
     plt.close(fig)
 
 
-def collect_results(out: str, methods, seeds) -> dict[str, dict[int, list[dict]]]:
+def collect_results(out: str, methods, seeds, rl_steps: int | None = None) -> dict[str, dict[int, list[dict]]]:
+    """Each run's validation curve, up to ``rl_steps`` RL steps (None: all). The learning rate is
+    constant and nothing else depends on the run's length, so a longer run cut at ``rl_steps`` is
+    the run of that length."""
     from hca.report import read_metrics, validation_curve
 
-    return {m: {s: validation_curve(read_metrics(run_dir(out, m, s))) for s in seeds} for m in methods}
+    return {m: {s: [p for p in validation_curve(read_metrics(run_dir(out, m, s)))
+                    if rl_steps is None or p.get("rl_step", 0) <= rl_steps] for s in seeds} for m in methods}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -242,14 +246,15 @@ DIAGNOSTICS = {
 as it does: how many groups carry no outcome signal, how large and noisy the credit is)."""
 
 
-def training_diagnostics(out: str, methods, seeds) -> dict[str, dict[str, float]]:
-    """Per method, the mean over RL steps and seeds of each :data:`DIAGNOSTICS` figure (NaN where
-    a method does not log it, e.g. progress under GRPO)."""
+def training_diagnostics(out: str, methods, seeds, rl_steps: int | None = None) -> dict[str, dict[str, float]]:
+    """Per method, the mean over RL steps (up to ``rl_steps``) and seeds of each :data:`DIAGNOSTICS`
+    figure (NaN where a method does not log it, e.g. progress under GRPO)."""
     from hca.report import read_metrics
 
     res = {}
     for m in methods:
-        rows = [r for s in seeds for r in read_metrics(run_dir(out, m, s)) if "train/reward" in r]
+        rows = [r for s in seeds for r in read_metrics(run_dir(out, m, s)) if "train/reward" in r
+                and (rl_steps is None or r.get("train/rl_step", 0) <= rl_steps)]
         res[m] = {k: (statistics.fmean(v) if (v := [r[f"train/{k}"] for r in rows if f"train/{k}" in r]) else math.nan)
                   for k in DIAGNOSTICS}
     return res
@@ -274,6 +279,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="RL seeds")
     ap.add_argument("--target", type=float, default=None,
                     help="held-out pass@1 to reach (default: GRPO's mean final pass@1; without GRPO, start + 0.10)")
+    ap.add_argument("--rl-steps", type=int, default=None,
+                    help="RL steps per run (default: the regime's experiment_rl_steps); longer runs are cut there")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                     help="extra overrides of every run's config, e.g. trainer.max_steps=120")
     ap.add_argument("--max-parallel", type=int, default=None, help="runs side by side (default: the CPUs available)")
@@ -283,14 +290,17 @@ def main(argv=None) -> dict:
 
     reg = get_regime(a.regime)
     out_dir = a.out or f"{reg.root}/experiment"
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    rl_steps = a.rl_steps or reg.experiment_rl_steps
+    # two optimizer updates per RL step in the arithmetic configs (ppo_epochs 1 x 128 responses / mini-batches of 64)
+    overrides = {"trainer.max_steps": 2 * rl_steps,
+                 **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}}
     plan_args = {"out": out_dir, "methods": a.methods, "seeds": a.seeds, "overrides": overrides, "regime": reg.name}
     if not a.summary_only:
         run_stages(experiment_stages(**plan_args), plan="hca.experiment:experiment_stages", plan_args=plan_args,
                    log_dir=f"{out_dir}/logs", max_parallel=a.max_parallel)
     from hca.report import collection_tokens
 
-    curves = collect_results(out_dir, a.methods, a.seeds)
+    curves = collect_results(out_dir, a.methods, a.seeds, rl_steps)
     target = a.target if a.target is not None else default_target(curves)
     try:
         ctok = collection_tokens(f"{reg.root}/collect/arithmetic")
@@ -299,10 +309,10 @@ def main(argv=None) -> dict:
     rows = summarize(curves, target, ctok)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    diag = training_diagnostics(out_dir, a.methods, a.seeds)
-    md = f"Regime: {reg.name} ({reg.description}).\n\n" + markdown(rows, target) + "\n\n" + diagnostics_markdown(diag)
+    diag = training_diagnostics(out_dir, a.methods, a.seeds, rl_steps)
+    md = f"Regime: {reg.name} ({reg.description}); {rl_steps} RL steps per run.\n\n" + markdown(rows, target) + "\n\n" + diagnostics_markdown(diag)
     _write_atomic(out / "results.md", md)
-    _write_atomic(out / "results.json", json.dumps({"regime": reg.name, "target": target, "collection_tokens": ctok,
+    _write_atomic(out / "results.json", json.dumps({"regime": reg.name, "rl_steps": rl_steps, "target": target, "collection_tokens": ctok,
                                                   "rows": rows, "diagnostics": diag, "curves": {m: {str(s): c for s, c in by.items()}
                                                                            for m, by in curves.items()}}, indent=1))
     plot(curves, target, out / "curves.png", rows)

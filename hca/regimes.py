@@ -30,6 +30,7 @@ class Regime:
     description: str  # one line for banners and docs
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value, set where the key exists
     eval_max_new_tokens: int = 64  # response budget of the final held-out evaluation
+    experiment_rl_steps: int = 60  # RL steps per run of hca.experiment (25 runs per regime must fit on 2 cores)
 
 
 _SPARSE_TOKENS = 128
@@ -52,7 +53,7 @@ REGIMES: dict[str, Regime] = {
             "data.init_args.limit": 1024,
             "data.init_args.max_length": 256,
         },
-        eval_max_new_tokens=_SPARSE_TOKENS),
+        eval_max_new_tokens=_SPARSE_TOKENS, experiment_rl_steps=100),  # sparse credit learns slower
 }
 
 

@@ -25,19 +25,32 @@ TEST_FILE = "runs/data/arithmetic/test.jsonl"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
-    """Rows of the newest ``logs/version_*/metrics.csv`` under ``run_dir``, empty cells dropped."""
+    """Rows of the run's ``logs/version_*/metrics.csv``, empty cells dropped. A run resumed from a
+    checkpoint logs each segment in a new version: the versions are joined in order, a row of a
+    later version replacing the earlier rows of the same step (the steps a killed segment logged
+    after its last checkpoint are redone by the next). A version that starts where the first one
+    did (or before) is a fresh run: the versions before it are dropped."""
     files = sorted(glob.glob(str(Path(run_dir) / "logs" / "version_*" / "metrics.csv")),
                    key=lambda f: int(Path(f).parent.name.split("_")[-1]))
-    if not files:
-        return []
-    with open(files[-1]) as fh:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+    rows: list[dict[str, float]] = []
+    for f in files:
+        with open(f) as fh:
+            seg = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+        steps = [r["step"] for r in seg if "step" in r]
+        if not steps:
+            continue
+        first, start = min(steps), min((r["step"] for r in rows if "step" in r), default=None)
+        rows = [] if start is None or first <= start else [r for r in rows if r.get("step", -1) < first]
+        rows += seg
+    return rows
 
 
 def validation_curve(rows: list[dict[str, float]]) -> list[dict[str, float]]:
-    """Validation points in order of RL samples: ``samples``, ``tokens``, ``pass@1`` (and the rest)."""
+    """Validation points in order of RL samples: ``samples``, ``tokens``, ``pass@1`` (and the rest);
+    one point per sample count (the last logged)."""
     pts = [{k.removeprefix("val/"): v for k, v in r.items() if k.startswith("val/")} for r in rows if "val/pass@1" in r]
-    return sorted((p for p in pts if "samples" in p), key=lambda p: p["samples"])
+    by_samples = {p["samples"]: p for p in pts if "samples" in p}
+    return [by_samples[k] for k in sorted(by_samples)]
 
 
 def collection_tokens(collect_dir: str = COLLECT_DIR) -> int:

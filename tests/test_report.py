@@ -65,3 +65,25 @@ def test_report_renders_tables_and_curves(tmp_path):
     assert (out / "curves.png").stat().st_size > 1000 and "![Learning curves](curves.png)" in md
     page = open(paths["html"]).read()
     assert "<table>" in page and "data:image/png;base64," in page
+
+
+def test_read_metrics_joins_resumed_versions(tmp_path):
+    """A resumed run logs a new version per segment: joined in order, the later segment's rows
+    replacing the steps the killed one logged after its last checkpoint; a fresh rerun replaces all."""
+    import csv
+
+    def version(i, rows):
+        d = tmp_path / "logs" / f"version_{i}"
+        d.mkdir(parents=True)
+        with open(d / "metrics.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, ["step", "val/pass@1", "val/samples"])
+            w.writeheader()
+            w.writerows(rows)
+
+    version(0, [{"step": 0, "val/pass@1": .1, "val/samples": 0}, {"step": 20, "val/pass@1": .2, "val/samples": 1280},
+                {"step": 40, "val/pass@1": .9, "val/samples": 2560}])  # killed after step 40; checkpoint at 20
+    version(1, [{"step": 40, "val/pass@1": .3, "val/samples": 2560}, {"step": 60, "val/pass@1": .4, "val/samples": 3840}])
+    assert [(p["samples"], p["pass@1"]) for p in validation_curve(read_metrics(tmp_path))] == [
+        (0, .1), (1280, .2), (2560, .3), (3840, .4)]
+    version(2, [{"step": 0, "val/pass@1": .5, "val/samples": 0}])  # a fresh run of the same folder
+    assert [(p["samples"], p["pass@1"]) for p in validation_curve(read_metrics(tmp_path))] == [(0, .5)]
