@@ -70,3 +70,10 @@ def test_sparse_regime_is_longer_and_lives_apart():
     assert all(o.startswith("runs/sparse/") for s in stages for o in s.outputs)
     assert [s.name for s in stages] == [s.name for s in quickstart_stages()]
     assert all(o.startswith("runs/") and not o.startswith("runs/sparse") for s in quickstart_stages() for o in s.outputs)
+
+
+def test_pipeline_refuses_an_unknown_regime():
+    from hca.pipeline import main
+
+    with pytest.raises(SystemExit, match="unknown regime 'dense'"):
+        main(["--regime", "dense", "--only", "nothing"])
