@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The main job: SFT (policy, prover) -> collection -> PRM -> RL (GRPO, HCA) -> evaluation -> report (docs/quickstart.md).
-# REGIME=sparse: the same on 6-10 operation chains, under runs/sparse (hca/regimes.py, docs/experiment.md).
+# REGIME=sparse: the same on 5-7 operation chains, under runs/sparse (hca/regimes.py, docs/experiment.md).
 REGIME ?= default
 quickstart: setup
 	$(PY) -m hca.pipeline --regime $(REGIME)

@@ -89,7 +89,8 @@ def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collectio
     the final pass@1, of the paired ratio ``samples to target / the baseline's`` (``samples_ratio``:
     point, lo, hi), and of ``budget_ratio``: the samples to reach the baseline's own final pass@1 as
     a fraction of the baseline's budget (the issue's "GRPO's final pass@1 with <= 1/2 of its samples";
-    the target redrawn in every resample). NaN where the baseline is absent."""
+    the target redrawn in every resample), and ``final_vs_baseline``: final pass@1 minus the
+    baseline's, paired by seed (mean, lo, hi). NaN where the baseline is absent."""
     from hca.bootstrap import bootstrap_ci, budget_ratio_ci, paired_ratio_ci
 
     def cost_by_seed(by_seed: dict[int, list[dict]]) -> dict[int, float]:
@@ -122,6 +123,7 @@ def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collectio
                      "tokens_to_target_amortised": _mean_std([h["tokens"] + amortised for h in reached]),
                      "collection_tokens_charged": [full, amortised],
                      "final_pass@1": _mean_std(finals), "final_pass@1_ci": bootstrap_ci(finals),
+                     "final_vs_baseline": _paired_diff(runs, base_final) if m != baseline else (math.nan,) * 3,
                      "samples_ratio": (paired_ratio_ci(costs, base) if m != baseline and base else
                                        (math.nan, math.nan, math.nan)),
                      "budget_ratio": (budget_ratio_ci(pairs, base_final, budget) if base_final else
@@ -129,6 +131,14 @@ def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collectio
                      "start_pass@1": _mean_std([c[0]["pass@1"] for c in runs.values()]),
                      "best_pass@1": _mean_std([max(p["pass@1"] for p in c) for c in runs.values()])})
     return rows
+
+
+def _paired_diff(runs: dict[int, list[dict]], base_final: dict[int, float]) -> tuple[float, float, float]:
+    """``(mean, lo, hi)`` of final pass@1 minus the baseline's, paired by seed (NaN: no shared seed)."""
+    from hca.bootstrap import bootstrap_ci
+
+    diffs = [runs[s][-1]["pass@1"] - base_final[s] for s in sorted(set(runs) & set(base_final))]
+    return (statistics.fmean(diffs), *bootstrap_ci(diffs)) if diffs else (math.nan,) * 3
 
 
 def _ci(lo_hi: tuple[float, ...], fmt: str = ".3f") -> str:
@@ -149,19 +159,24 @@ def _ratio(r: tuple[float, float, float]) -> str:
     return f"{'∞' if math.isinf(point) else format(point, '.2f')} {_ci(r, '.2f')}"
 
 
+def _diff(r: tuple[float, float, float]) -> str:
+    return "n/a" if math.isnan(r[0]) else f"{r[0]:+.3f} [{r[1]:+.3f}, {r[2]:+.3f}]"
+
+
 def markdown(rows: list[dict], target: float, baseline: str = "grpo") -> str:
     from hca.report import md_table
 
     header = ["method", "runs reaching target", "RL samples to target", "95% CI", f"samples vs {baseline} (95% CI)",
               f"samples to {baseline}'s final / its budget (95% CI)", "tokens to target (M): PRM data in full",
-              "amortised", "start pass@1", "final pass@1", "95% CI", "best pass@1"]
+              "amortised", "start pass@1", "final pass@1", "95% CI", f"final - {baseline}'s, paired (95% CI)",
+              "best pass@1"]
     table = md_table(header, [[r["method"], f"{r['reached']}/{r['runs']}", _pm(r["samples_to_target"], ".0f"),
                                _ci(r["samples_to_target_ci"], ".0f"), _ratio(r["samples_ratio"]),
                                _ratio(r["budget_ratio"]),
                                _pm(tuple(x / 1e6 for x in r["tokens_to_target"]), ".2f"),
                                _pm(tuple(x / 1e6 for x in r["tokens_to_target_amortised"]), ".2f"),
                                _pm(r["start_pass@1"]), _pm(r["final_pass@1"]), _ci(r["final_pass@1_ci"]),
-                               _pm(r["best_pass@1"])] for r in rows])
+                               _diff(r["final_vs_baseline"]), _pm(r["best_pass@1"])] for r in rows])
     return (f"Target held-out pass@1: {target:.3f}. Mean ± std over seeds (samples and tokens: over the runs that "
             "reached it); 95% percentile-bootstrap intervals over seeds (samples: a run that never reached the "
             f"target counts as ∞; samples vs {baseline}: the paired ratio of mean samples to target; samples to "

@@ -3,7 +3,7 @@ config, each skipped when its output already exists, and resumed from its last c
 was killed midway.
 
     python -m hca.pipeline                 # what `make quickstart` runs
-    python -m hca.pipeline --regime sparse # the same on 6-10 operation chains (runs/sparse; hca.regimes)
+    python -m hca.pipeline --regime sparse # the same on 5-7 operation chains (runs/sparse; hca.regimes)
     python -m hca.pipeline --only sft-policy --force
     python -m hca.pipeline --recipe gsm8k --policy PATH --prover PATH --prm-backbone PATH   # real models (hca.recipes)
     python -m hca.pipeline --recipe gsm8k --tiny                                            # tiny real-format models, CPU

@@ -9,13 +9,13 @@ config keys. One table serves every stage's YAML: a key is set in each config th
 samples), and :func:`check_regime` fails if a key reaches no config at all (a typo is an error, not
 a silent no-op).
 
-``sparse`` is where outcome credit is thinnest: chains of 6-10 operations instead of 3-5, so the SFT
-policy starts near a pass@1 of 0.05 and most GRPO groups of 8 are all-fail (zero advantage, no
-gradient), while step progress still says which lines went wrong. Budgets grow with the chains:
-responses up to 128 tokens (the longest gold solution is 96 characters), PRM sequences of 256
-(the SFT configs' own length).
-The collection labels 1,024 problems instead of 2,048 (each holds twice the steps, so about the
-same number of step labels at twice the cost per label).
+``sparse`` is where outcome credit is thinnest: chains of 5-7 operations instead of 3-5, so the SFT
+policy starts at a pass@1 well under 0.10 and most GRPO groups of 8 are all-fail (zero advantage,
+no gradient), while step progress still says which lines went wrong. Chains of 6-10 operations
+were tried first: the SFT policy started at 0.008 and neither GRPO nor the progress credit moved
+it in 100 RL steps (docs/experiment.md), so that regime could not tell the methods apart.
+Budgets grow with the chains: responses up to 128 tokens, PRM sequences of 256 (the SFT configs'
+own length). The collection labels 1,024 problems instead of 2,048 (each holds more steps).
 """
 from __future__ import annotations
 
@@ -37,11 +37,11 @@ _SPARSE_TOKENS = 128
 REGIMES: dict[str, Regime] = {
     "default": Regime("default", "runs", "3-5 operations per problem (SFT pass@1 about 0.2)"),
     "sparse": Regime(
-        "sparse", "runs/sparse", "6-10 operations per problem: sparse outcome reward (SFT pass@1 about 0.05)",
+        "sparse", "runs/sparse", "5-7 operations per problem: sparse outcome reward",
         overrides={
             # the task (SFT configs write the problem files)
-            "data.init_args.arithmetic.difficulty.min_steps": 6,
-            "data.init_args.arithmetic.difficulty.max_steps": 10,
+            "data.init_args.arithmetic.difficulty.min_steps": 5,
+            "data.init_args.arithmetic.difficulty.max_steps": 7,
             # response budgets: SFT validation, collection (policy and prover), RL sampling and validation, MC scorers
             "model.init_args.sampling_eval.max_new_tokens": _SPARSE_TOKENS,
             "model.init_args.collection.policy.max_new_tokens": _SPARSE_TOKENS,

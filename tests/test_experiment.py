@@ -66,9 +66,12 @@ def test_amortised_collection_budget_ratio_and_default_target():
     assert h["tokens_to_target"] == (3000 + 3000, 0.0) and h["tokens_to_target_amortised"] == (3000 + 1000, 0.0)
     assert p["tokens_to_target_amortised"] == (3000 + 1000, 0.0) and g["tokens_to_target_amortised"] == (6000, 0.0)
     assert h["budget_ratio"] == (0.5, 0.5, 0.5)  # both seeds reach GRPO's final 0.30 at half its 200 samples
+    assert h["final_vs_baseline"] == pytest.approx((0.075, 0.05, 0.10))  # seeds: +0.05, +0.10
+    assert math.isnan(g["final_vs_baseline"][0]) and p["final_vs_baseline"][0] == pytest.approx(0.01)  # seed 0 only
     assert g["budget_ratio"] == (1.0, 1.0, 1.0)  # GRPO reaches its own final at the end
     md = markdown(list(rows.values()), 0.30)
     assert "| hca | 2/2 | 100 ± 0 | [100, 100] | 0.50 [0.50, 0.50] | 0.50 [0.50, 0.50] | 0.01 ± 0.00 | 0.00 ± 0.00 |" in md
+    assert "| +0.075 [+0.050, +0.100] |" in md
 
 
 def test_experiment_stages_take_the_regime(tmp_path):

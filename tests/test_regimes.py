@@ -60,8 +60,9 @@ def test_sparse_configs_move_every_path_and_instantiate(config, tmp_path, monkey
 def test_sparse_regime_is_longer_and_lives_apart():
     sft = yaml.safe_load((ROOT / "configs/sft/arithmetic.yaml").read_text())
     values = regime_values("sparse", sft)
-    assert values["data.init_args.arithmetic.difficulty.min_steps"] > \
-        sft["data"]["init_args"]["arithmetic"]["difficulty"]["max_steps"]
+    base = sft["data"]["init_args"]["arithmetic"]["difficulty"]
+    assert values["data.init_args.arithmetic.difficulty.min_steps"] > base["min_steps"]
+    assert values["data.init_args.arithmetic.difficulty.max_steps"] > base["max_steps"]
     rl = yaml.safe_load((ROOT / "configs/rl/arithmetic_hca_current.yaml").read_text())
     assert regime_values("sparse", rl)["model.init_args.scorer.init_args.sampling.max_new_tokens"] == 128
     assert "model.init_args.scorer.init_args.sampling.max_new_tokens" not in regime_values(
