@@ -224,13 +224,17 @@ def plot(curves: dict[str, dict[int, list[dict]]], target: float, path: Path, ro
 
 
 def collect_results(out: str, methods, seeds, rl_steps: int | None = None) -> dict[str, dict[int, list[dict]]]:
-    """Each run's validation curve, up to ``rl_steps`` RL steps (None: all). The learning rate is
-    constant and nothing else depends on the run's length, so a longer run cut at ``rl_steps`` is
-    the run of that length."""
+    """Each finished run's validation curve (a run still going, or killed, has ``[]``: it is not
+    counted), up to ``rl_steps`` RL steps (None: all). The learning rate is constant and nothing
+    else depends on the run's length, so a longer run cut at ``rl_steps`` is the run of that length."""
     from hca.report import read_metrics, validation_curve
 
-    return {m: {s: [p for p in validation_curve(read_metrics(run_dir(out, m, s)))
-                    if rl_steps is None or p.get("rl_step", 0) <= rl_steps] for s in seeds} for m in methods}
+    def curve(d: str) -> list[dict]:
+        if not Path(d, "model", "config.json").exists():
+            return []
+        return [p for p in validation_curve(read_metrics(d)) if rl_steps is None or p.get("rl_step", 0) <= rl_steps]
+
+    return {m: {s: curve(run_dir(out, m, s)) for s in seeds} for m in methods}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -262,13 +266,14 @@ as it does: how many groups carry no outcome signal, how large and noisy the cre
 
 
 def training_diagnostics(out: str, methods, seeds, rl_steps: int | None = None) -> dict[str, dict[str, float]]:
-    """Per method, the mean over RL steps (up to ``rl_steps``) and seeds of each :data:`DIAGNOSTICS`
-    figure (NaN where a method does not log it, e.g. progress under GRPO)."""
+    """Per method, the mean over RL steps (up to ``rl_steps``) and finished seeds of each
+    :data:`DIAGNOSTICS` figure (NaN where a method does not log it, e.g. progress under GRPO)."""
     from hca.report import read_metrics
 
     res = {}
     for m in methods:
-        rows = [r for s in seeds for r in read_metrics(run_dir(out, m, s)) if "train/reward" in r
+        done = [d for s in seeds if Path(d := run_dir(out, m, s), "model", "config.json").exists()]  # finished runs
+        rows = [r for d in done for r in read_metrics(d) if "train/reward" in r
                 and (rl_steps is None or r.get("train/rl_step", 0) <= rl_steps)]
         res[m] = {k: (statistics.fmean(v) if (v := [r[f"train/{k}"] for r in rows if f"train/{k}" in r]) else math.nan)
                   for k in DIAGNOSTICS}

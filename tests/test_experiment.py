@@ -105,6 +105,8 @@ def test_summary_only_writes_tables_diagnostics_and_plot(tmp_path):
             rows.append({"step": step, "train/reward": 0.2 + 0.01 * step, "train/zero_var_groups": 0.5,
                          "train/adv_std": 1.0, "train/weight_max": 1.0, "train/time_step": 1.0,
                          **({"train/progress_abs_mean": 0.1} if method == "hca" else {})})
+        (d.parents[1] / "model").mkdir()
+        (d.parents[1] / "model" / "config.json").write_text("{}")  # finished: exported
         keys = sorted({k for r in rows for k in r})
         with open(d / "metrics.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, keys)
@@ -114,9 +116,12 @@ def test_summary_only_writes_tables_diagnostics_and_plot(tmp_path):
     for s in (0, 1):
         write("grpo", s, [0.2, 0.25, 0.3])
         write("hca", s, [0.2, 0.3, 0.35])
-    res = main(["--out", str(tmp_path), "--methods", "grpo", "hca", "--seeds", "0", "1", "--summary-only"])
+    write("hca", 2, [0.2, 0.1])
+    (tmp_path / "hca" / "seed2" / "model" / "config.json").unlink()  # still running: not counted
+    res = main(["--out", str(tmp_path), "--methods", "grpo", "hca", "--seeds", "0", "1", "2", "--summary-only"])
     assert res["target"] == pytest.approx(0.3)
     rows = {r["method"]: r for r in res["rows"]}
+    assert rows["hca"]["runs"] == 2
     assert rows["hca"]["budget_ratio"] == (0.5, 0.5, 0.5) and rows["hca"]["samples_ratio"][0] == pytest.approx(0.5)
     md = (tmp_path / "results.md").read_text()
     assert "Regime: default" in md and "groups with no outcome signal" in md
