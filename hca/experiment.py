@@ -305,6 +305,7 @@ def main(argv=None) -> dict:
                     help="extra overrides of every run's config, e.g. trainer.max_steps=120")
     ap.add_argument("--max-parallel", type=int, default=None, help="runs side by side (default: the CPUs available)")
     ap.add_argument("--summary-only", action="store_true", help="only summarize runs that exist")
+    ap.add_argument("--results-dir", default=None, help="where results.{md,json} and curves.png go (default: --out)")
     a = ap.parse_args(argv)
     import yaml
 
@@ -327,7 +328,7 @@ def main(argv=None) -> dict:
     except (OSError, KeyError, ValueError):
         ctok = 0
     rows = summarize(curves, target, ctok)
-    out = Path(out_dir)
+    out = Path(a.results_dir or out_dir)
     out.mkdir(parents=True, exist_ok=True)
     diag = training_diagnostics(out_dir, a.methods, a.seeds, rl_steps)
     md = f"Regime: {reg.name} ({reg.description}); {rl_steps} RL steps per run.\n\n" + markdown(rows, target) + "\n\n" + diagnostics_markdown(diag)
