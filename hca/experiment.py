@@ -145,7 +145,10 @@ def _ci(lo_hi: tuple[float, ...], fmt: str = ".3f") -> str:
     lo, hi = lo_hi[-2], lo_hi[-1]
     if math.isnan(lo):
         return "n/a"
-    return f"[{lo:{fmt}}, {'∞' if math.isinf(hi) else format(hi, fmt)}]"
+    def f(x: float) -> str:
+        return "∞" if math.isinf(x) else format(x, fmt)
+
+    return f"[{f(lo)}, {f(hi)}]"
 
 
 def _pm(ms: tuple[float, float], fmt: str = ".3f") -> str:

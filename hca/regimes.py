@@ -35,9 +35,9 @@ class Regime:
 
 _SPARSE_TOKENS = 128
 REGIMES: dict[str, Regime] = {
-    "default": Regime("default", "runs", "3-5 operations per problem (SFT pass@1 about 0.2)"),
+    "default": Regime("default", "runs", "3-5 operations per problem; SFT policy val pass@1 about 0.19"),
     "sparse": Regime(
-        "sparse", "runs/sparse", "5-7 operations per problem: sparse outcome reward",
+        "sparse", "runs/sparse", "5-7 operations per problem; SFT policy val pass@1 about 0.02: sparse outcome reward",
         overrides={
             # the task (SFT configs write the problem files)
             "data.init_args.arithmetic.difficulty.min_steps": 5,

@@ -106,8 +106,9 @@ def _img(path: Path) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
 
 
-def credit_rows(prm_dir: str, policy: str, test_file: str, rl_config: str, num_problems: int = 24, seed: int = 0):
-    """Responses of the SFT policy with their GRPO and HCA credit (HCA settings from ``rl_config``)."""
+def credit_rows(prm_dir: str, policy: str, test_file: str, rl_config: str, num_problems: int = 24, seed: int = 0,
+                name: str = "hca"):
+    """Responses of the SFT policy with their GRPO credit and the credit of ``rl_config`` (shown as ``name``)."""
     import yaml
 
     from hca.models import load_causal_lm, load_tokenizer
@@ -117,7 +118,7 @@ def credit_rows(prm_dir: str, policy: str, test_file: str, rl_config: str, num_p
     from hca.rollout import HFRolloutEngine
 
     cfg = yaml.safe_load(Path(rl_config).read_text())["model"]["init_args"]
-    credits = {"grpo": CreditConfig(cfg["credit"]["estimator"], 0.0, 0.0), "hca": CreditConfig(**cfg["credit"])}
+    credits = {"grpo": CreditConfig(cfg["credit"]["estimator"], 0.0, 0.0), name: CreditConfig(**cfg["credit"])}
     problems, _ = load_problems(test_file, limit=num_problems)
     tok = load_tokenizer(policy)
     engine = HFRolloutEngine(load_causal_lm(policy, tokenizer=tok).requires_grad_(False).eval(), tok)
@@ -176,9 +177,10 @@ def write_report(out_dir: str = "runs/quickstart", methods: tuple[str, ...] = ("
 
     credit_section = None
     if Path(prm_dir, "model", "prm_config.json").exists() and Path(policy).exists():
-        rl_cfg = out / "rl" / "hca" / "config.yaml"
+        name = next((m for m in reversed(methods) if m != "grpo"), "hca")  # the hierarchical method shown
+        rl_cfg = out / "rl" / name / "config.yaml"
         rows = credit_rows(f"{prm_dir}/model", policy, test_file,
-                           str(rl_cfg if rl_cfg.exists() else "configs/rl/arithmetic_hca.yaml"))
+                           str(rl_cfg if rl_cfg.exists() else f"configs/rl/arithmetic_{name}.yaml"), name=name)
         if rows:
             credit_png(rows, str(out / "credit.png"))
             frag = credit_html(rows)
@@ -186,7 +188,7 @@ def write_report(out_dir: str = "runs/quickstart", methods: tuple[str, ...] = ("
             credit_section = frag
             sections.append(("Where the credit goes", "Responses of the SFT policy to test problems (one right, one "
                              "wrong per problem), with the advantage every token would get in one RL step under GRPO "
-                             "and under HCA. Full page with hover details: `credit.html`.", str(out / "credit.png")))
+                             f"and under {name}. Full page with hover details: `credit.html`.", str(out / "credit.png")))
 
     md = ["# hca quickstart report", ""]
     for title, body, png in sections:
