@@ -126,7 +126,7 @@ def credit_rows(prm_dir: str, policy: str, test_file: str, rl_config: str, num_p
                          group_size=cfg["ppo"]["group_size"], seed=seed)
 
 
-def write_report(out_dir: str = "runs/quickstart", methods: tuple[str, ...] = ("grpo", "hca"),
+def write_report(out_dir: str = "runs/quickstart", methods: tuple[str, ...] = ("grpo", "progress_only"),
                  collect_dir: str = COLLECT_DIR, prm_dir: str = PRM_DIR, policy: str = POLICY,
                  test_file: str = TEST_FILE) -> dict[str, str]:
     out = Path(out_dir)

@@ -80,6 +80,6 @@ def test_derived_config_moves_outputs_and_sets_keys(tmp_path):
 def test_quickstart_stage_order():
     stages = quickstart_stages()
     names = [s.name for s in stages]
-    assert names == ["sft-policy", "sft-prover", "collect", "prm", "rl-grpo", "rl-hca", "eval", "report"]
+    assert names == ["sft-policy", "sft-prover", "collect", "prm", "rl-grpo", "rl-progress_only", "eval", "report"]
     assert all(s.outputs for s in stages)
     assert [s.group for s in stages[:2]] == ["sft", "sft"] and [s.group for s in stages[4:6]] == ["rl", "rl"]
