@@ -47,7 +47,7 @@ quickstart: setup
 # GRPO against the hierarchical variants over 5 seeds, after `make quickstart` of the same REGIME (docs/experiment.md).
 experiment: setup
 	$(PY) -m hca.experiment --regime $(REGIME) --methods $(EXPERIMENT_METHODS)
-EXPERIMENT_METHODS ?= grpo progress_only hca hca_progress hca_inverse
+EXPERIMENT_METHODS ?= grpo progress_only hca hca_progress hca_inverse hca_current
 
 # The GSM8K recipe (collection -> PRM -> RL -> evaluation) on tiny real-format models built here (docs/recipes.md).
 recipe-tiny: setup

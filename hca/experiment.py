@@ -1,7 +1,7 @@
 """GRPO against HCA and its ablations over several seeds: how many RL samples (and generated tokens,
 prover rollouts included) each needs to reach a target held-out pass@1, and where each ends.
 
-    python -m hca.experiment                                   # 4 methods x 5 seeds, after make quickstart
+    python -m hca.experiment                                   # 6 methods x 5 seeds, after make quickstart
     python -m hca.experiment --methods grpo hca_progress --seeds 0 1 2 3 4 --target 0.30
     python -m hca.experiment --regime sparse                   # after make quickstart REGIME=sparse
 
@@ -31,10 +31,12 @@ from pathlib import Path
 
 from hca.pipeline import QUICKSTART_RL, Stage, derived_config, fit_from_config, run_stages
 
-METHODS = ("grpo", "hca", "progress_only", "entropy_only")
-"""The default methods; any ``configs/rl/arithmetic_<method>.yaml`` runs, e.g. the token variants
-``hca_progress`` (``credit.modulate: progress``) and ``hca_inverse`` (``credit.sign:
-inverse_on_negative``), or ``hca_current`` (Monte Carlo step values from the current policy)."""
+METHODS = ("grpo", "progress_only", "hca", "hca_progress", "hca_inverse", "hca_current")
+"""The default methods (docs/experiment.md): GRPO, step progress only, full HCA under each token
+variant (``hca``: the entropy weights modulate the whole advantage; ``hca_progress``: only the
+progress term, ``credit.modulate: progress``; ``hca_inverse``: ``credit.sign:
+inverse_on_negative``), and ``hca_current`` (Monte Carlo step values from the current policy).
+Any ``configs/rl/arithmetic_<method>.yaml`` runs, e.g. ``entropy_only`` or ``rloo``."""
 USES_PROGRESS = {"hca", "progress_only", "hca_progress", "hca_inverse"}  # the PRM's collection is their cost too
 # (hca_mc and hca_current pay their prover rollouts in val/tokens, step by step)
 
