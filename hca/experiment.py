@@ -45,6 +45,11 @@ def run_dir(out: str, method: str, seed: int) -> str:
     return f"{out}/{method}/seed{seed}"
 
 
+def finished_marker(d: str) -> str:
+    """The file a finished run has (its exported model): the stage's output, and what the summary counts."""
+    return f"{d}/model/config.json"
+
+
 def run_overrides(seed: int, overrides: dict | None = None) -> dict:
     """The config overrides of one run: the quickstart budget, extra ``overrides``, and ``seed`` in
     all three places it lives (sampling and mini-batch seeds, global seeding, problem order)."""
@@ -63,7 +68,7 @@ def experiment_stages(out: str = "runs/experiment", methods: list[str] | tuple[s
             d = run_dir(out, m, seed)
             values = run_overrides(seed, overrides)
             stages.append(Stage(
-                name=f"{m}-seed{seed}", title=f"{m}, seed {seed}", outputs=[f"{d}/model/config.json"], group="rl",
+                name=f"{m}-seed{seed}", title=f"{m}, seed {seed}", outputs=[finished_marker(d)], group="rl",
                 run=lambda m=m, d=d, values=values: fit_from_config(
                     derived_config(f"configs/rl/arithmetic_{m}.yaml", d, values, regime), f"{d}/model",
                     f"{d}/checkpoints")))
@@ -235,17 +240,11 @@ def collect_results(out: str, methods, seeds, rl_steps: int | None = None) -> di
     from hca.report import read_metrics, validation_curve
 
     def curve(d: str) -> list[dict]:
-        if not Path(d, "model", "config.json").exists():
+        if not Path(finished_marker(d)).exists():
             return []
         return [p for p in validation_curve(read_metrics(d)) if rl_steps is None or p.get("rl_step", 0) <= rl_steps]
 
     return {m: {s: curve(run_dir(out, m, s)) for s in seeds} for m in methods}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def default_target(curves: dict[str, dict[int, list[dict]]], baseline: str = "grpo") -> float:
@@ -277,7 +276,7 @@ def training_diagnostics(out: str, methods, seeds, rl_steps: int | None = None) 
 
     res = {}
     for m in methods:
-        done = [d for s in seeds if Path(d := run_dir(out, m, s), "model", "config.json").exists()]  # finished runs
+        done = [d for s in seeds if Path(finished_marker(d := run_dir(out, m, s))).exists()]
         rows = [r for d in done for r in read_metrics(d) if "train/reward" in r
                 and (rl_steps is None or r.get("train/rl_step", 0) <= rl_steps)]
         res[m] = {k: (statistics.fmean(v) if (v := [r[f"train/{k}"] for r in rows if f"train/{k}" in r]) else math.nan)
@@ -337,10 +336,12 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     diag = training_diagnostics(out_dir, a.methods, a.seeds, rl_steps)
     md = f"Regime: {reg.name} ({reg.description}); {rl_steps} RL steps per run.\n\n" + markdown(rows, target) + "\n\n" + diagnostics_markdown(diag)
-    _write_atomic(out / "results.md", md)
-    _write_atomic(out / "results.json", json.dumps({"regime": reg.name, "rl_steps": rl_steps, "target": target, "collection_tokens": ctok,
+    from hca.trajectories import write_bytes_atomic
+
+    write_bytes_atomic(out / "results.md", md.encode())
+    write_bytes_atomic(out / "results.json", json.dumps({"regime": reg.name, "rl_steps": rl_steps, "target": target, "collection_tokens": ctok,
                                                   "rows": rows, "diagnostics": diag, "curves": {m: {str(s): c for s, c in by.items()}
-                                                                           for m, by in curves.items()}}, indent=1))
+                                                                           for m, by in curves.items()}}, indent=1).encode())
     plot(curves, target, out / "curves.png", rows)
     print(md)
     print(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'curves.png'}")
