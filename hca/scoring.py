@@ -112,7 +112,33 @@ class MonteCarloScorer:
         self.config = CollectionConfig(num_rollouts=num_rollouts, num_rollouts_h0=num_rollouts_h0, policy=sampling,
                                        prover=sampling, best_of_k=best_of_k)
         self._engine = None
+        self._stage = None  # (prompts callable, policy tokenizer, policy budget) of the RL fit: sizes a vLLM context
         self.tokens_generated = 0  # prover tokens sampled so far (the RL module adds them to val/tokens)
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The prover's token budget per completion."""
+        return self.config.prover.max_new_tokens
+
+    def size_context(self, prompts, policy_tokenizer, policy_budget: int) -> None:
+        """What the RL fit will ask: completions of ``prompt + a prefix of a policy response of at most
+        ``policy_budget`` tokens`` for the prompts ``prompts()`` returns (None: unknown). With
+        ``engine.max_model_len`` unset, an external prover's vLLM context is sized from it
+        (:func:`hca.rollout.engines.continuation_need`) when the engine is first built."""
+        self._stage = (prompts, policy_tokenizer, int(policy_budget))
+
+    def context_need(self, tokenizer) -> tuple[int, int] | None:
+        """``(longest prompt, policy budget + prover budget)`` in the prover's tokens, or None (the
+        model's context) when no RL fit said what it samples."""
+        from hca.rollout.engines import continuation_need
+
+        if self._stage is None:
+            return None
+        prompts, policy_tokenizer, policy_budget = self._stage
+        prompts = prompts() if callable(prompts) else prompts
+        if prompts is None:
+            return None
+        return continuation_need(prompts, policy_tokenizer, policy_budget, tokenizer, self.max_new_tokens)
 
     @property
     def uses_current_policy(self) -> bool:
@@ -134,12 +160,14 @@ class MonteCarloScorer:
             from hca.rollout.engines import build_engine, resolve_engine
 
             tok = load_tokenizer(self.tokenizer_name or self.prover)
-            model = None
+            model = need = None
             if resolve_engine(self.engine_config, self.prover, "scorer.engine") == "hf":
                 device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
                 model = load_causal_lm(self.prover, self.dtype, tokenizer=tok).requires_grad_(False).eval().to(device)
+            elif self.engine_config.max_model_len is None:
+                need = self.context_need(tok)
             self._engine = build_engine(self.engine_config, self.prover, tok, model=model, dtype=self.dtype,
-                                        setting="scorer.engine")
+                                        setting="scorer.engine", context_need=need)
         return self._engine
 
     def score(self, prompts: list[str], responses: list[str], delimiter: str,

@@ -334,6 +334,11 @@ def test_collector_module_checks_models(tmp_path):
         m.identity()  # the writer's setup asks for it before anything is sampled
     with pytest.warns(UserWarning, match="the prover is the policy"):
         CollectorModule(policy="tiny-llama:seed=1", prover="tiny-llama:seed=1")
+    import warnings
+
+    with warnings.catch_warnings():  # best-of-K of the policy is a prover of its own (PAV): no warning
+        warnings.simplefilter("error")
+        CollectorModule(policy="tiny-llama:seed=1", prover="tiny-llama:seed=1", collection={"best_of_k": 4})
     m = CollectorModule(policy="tiny-llama:seed=0", prover="tiny-llama:seed=1", collection={"delimiter": "\n"})
     assert m.cfg.delimiter == "\n" and m.identity()["prover"]["kind"] == "tiny-spec"
     assert m.identity()["engine"] == {"policy": "hf", "prover": "hf", "max_batch_size": 256}  # tiny specs: HF

@@ -206,3 +206,26 @@ def test_start_policy_is_validated_at_step_0(tmp_path):
     assert [float(r["val/samples"]) for r in val] == [0.0, 2 * 2 * 4]  # at start, then after 2 RL steps
     assert val[0]["step"] == "0" and float(val[1]["val/rl_step"]) == 2
     assert float(val[1]["val/tokens"]) == float([r for r in rows if r.get("train/tokens")][-1]["train/tokens"]) > 0
+
+
+def test_progress_bar_counts_rl_steps_of_the_total(tmp_path, capsys):
+    """Under trainer.max_steps (max_epochs -1) the training bar counts RL steps of the total, not
+    "Epoch 0/-2" over the batches of an epoch: 2 updates per RL step (ppo_epochs 2), max_steps 6 -> 3."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from hca.progress import StepProgressBar
+
+    module, dm = make(tmp_path, credit=CreditConfig("grpo", 0.0, 0.0), ppo=PPOConfig(group_size=4, ppo_epochs=2))
+    tr = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=True, enable_model_summary=False,
+                   enable_checkpointing=False, default_root_dir=str(tmp_path), limit_val_batches=0)
+    tr.fit(module, dm)
+    bar = tr.progress_bar_callback
+    assert isinstance(bar, StepProgressBar) and not any(isinstance(c, RichProgressBar) for c in tr.callbacks)
+    assert module.rl_step == 3 and bar.train_progress_bar.n == 3 and bar.train_progress_bar.total == 3
+    err = capsys.readouterr().out  # Lightning's tqdm bars write to stdout
+    assert "RL step" in err and all(f"{k}/3" in err for k in (1, 2, 3)) and "Epoch" not in err and "reward=" in err
+    # an explicit bar of another kind, or none, is left alone
+    module, dm = make(tmp_path / "off", credit=CreditConfig("grpo", 0.0, 0.0))
+    tr = trainer(tmp_path / "off", 1)
+    tr.fit(module, dm)
+    assert tr.progress_bar_callback is None

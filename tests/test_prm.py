@@ -226,3 +226,17 @@ def test_extra_layers_start_as_identity_train_and_reload(coll, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(torch.sigmoid(prm.model(batch.input_ids, batch.attention_mask, batch.positions)),
                                    torch.sigmoid(grown.eval()(batch)), atol=1e-5, rtol=1e-5)
+
+
+def test_progress_bar_counts_prm_steps_of_the_total(coll, tmp_path, capsys):
+    """Under trainer.max_steps the training bar reads "PRM step k/max_steps", not "Epoch 0/-2"."""
+    from hca.progress import StepProgressBar
+
+    module, dm = make(coll)
+    tr = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=True, enable_model_summary=False,
+                   enable_checkpointing=False, default_root_dir=str(tmp_path), limit_val_batches=0)
+    tr.fit(module, dm)
+    assert isinstance(tr.progress_bar_callback, StepProgressBar)
+    assert tr.progress_bar_callback.train_progress_bar.n == 3
+    err = capsys.readouterr().out  # Lightning's tqdm bars write to stdout
+    assert "PRM step" in err and all(f"{k}/3" in err for k in (1, 2, 3)) and "Epoch" not in err

@@ -120,3 +120,16 @@ def test_careful_solutions_replace_shortcut_lines(tmp_path):
         assert all(line.count("=") == 1 and sum(line.count(o) for o in "+-*") == 1 for line in b.solution.split("\n"))
     assert careful.tokenizer.decode(careful.train_examples[0][0][careful.train_examples[0][1]:]).startswith(
         careful.train_problems[0].solution)
+
+
+def test_progress_bar_counts_sft_steps_of_the_total(tmp_path, capsys):
+    """Under trainer.max_steps the training bar reads "SFT step k/max_steps", not "Epoch 0/-2"."""
+    from hca.progress import StepProgressBar
+
+    module, dm = make(tmp_path, export=False)
+    tr = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=True, enable_model_summary=False,
+                   enable_checkpointing=False, default_root_dir=str(tmp_path), limit_val_batches=0)
+    tr.fit(module, dm)
+    assert isinstance(tr.progress_bar_callback, StepProgressBar)
+    out = capsys.readouterr().out  # Lightning's tqdm bars write to stdout
+    assert "SFT step" in out and all(f"{k}/3" in out for k in (1, 2, 3)) and "Epoch" not in out

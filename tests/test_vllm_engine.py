@@ -6,7 +6,8 @@ bad settings give errors naming the setting. Skipped when vLLM is not installed.
 
 Engines are built once per module and never deleted (:func:`hca.rollout.vllm.engine_for`): deleting
 one tears down vLLM's process-global state for all. Three small ones (0.25 GiB KV cache each): the
-shared sampler of the checkpoint, one that weight-sync tests own, and one with a short context.
+shared sampler of the checkpoint, one that weight-sync tests own, and one with a short context; and
+one of 0.01 GiB whose context is sized by the stage (the model declares 32k positions).
 """
 from __future__ import annotations
 
@@ -276,6 +277,116 @@ def test_max_new_tokens_is_clamped_to_max_model_len(folder, tok, prompts):
     with pytest.warns(UserWarning, match="down to 8"):
         assert token_budgets([[1] * 10, [1] * 40], 16, 48, "max_model_len") == [16, 8]
     assert token_budgets([[1] * 10], 16, None, "max_model_len") == [16]
+
+
+# ---------------------------------------------------------------------------------------- context sized by the stage
+@pytest.mark.parametrize("prompt,budget,block,model_max,expected", [
+    (200, 64, 32, 8192, 288),  # 264 rounded up to whole blocks
+    (200, 56, 32, 8192, 256),  # already whole blocks
+    (200, 64, 16, 8192, 272),  # another block size
+    (200, 64, 1, None, 264),  # no rounding, no cap
+    (30000, 4096, 32, 32768, 32768),  # capped at the model's context
+    (250, 10, 32, 256, 256),  # cap below the rounded need
+    (0, 0, 32, None, 32),  # nothing asked: one block
+])
+def test_stage_context_len(prompt, budget, block, model_max, expected):
+    from hca.rollout.engines import stage_context_len
+
+    assert stage_context_len(prompt, budget, block, model_max) == expected
+    with pytest.raises(ValueError):
+        stage_context_len(prompt, budget, 0, model_max)
+
+
+def test_context_needs_count_prompt_tokens_and_prover_continuations(tok, folder, tmp_path):
+    from hca.rollout.engines import continuation_need, model_context_len, prompt_lengths, sampling_need
+    from hca.tiny_models import train_bpe_tokenizer
+
+    prompts = ["Natalia sold clips to 48 of her friends.", "How much did she earn?", "How much did she earn?"]
+    lens = [len(tok(p)["input_ids"]) for p in prompts[:2]]
+    assert prompt_lengths(prompts, tok) == lens  # unique prompts
+    assert sampling_need(prompts, tok, 64) == (max(lens), 64)
+    assert sampling_need([], tok, 64) == (0, 64)
+    assert continuation_need(prompts, tok, 64, tok, 16) == (max(lens), 80)  # prefix of <= 64 policy tokens + 16
+    # a prover tokenizer that needs more tokens for the same text: the policy budget counts in its tokens
+    chars = train_bpe_tokenizer(["abc"], 64)
+    theirs = [len(chars(p)["input_ids"]) for p in prompts[:2]]
+    ratio = max(a / b for a, b in zip(theirs, lens))
+    assert ratio > 1 and continuation_need(prompts, tok, 64, chars, 16) == (max(theirs), math.ceil(64 * ratio) + 16)
+    assert model_context_len(str(folder)) == 2048 and model_context_len(str(tmp_path)) is None
+
+
+@pytest.fixture(scope="module")
+def long_folder(folder, tok):
+    """The tiny Qwen2 declaring 32,768 positions (like Qwen2.5): at fp32, 2 layers and one KV head of
+    32, one sequence of the full context needs 16 MiB of KV cache."""
+    from hca.models import save_checkpoint
+    from hca.tiny_models import tiny_qwen2
+
+    path = folder.parent / "long_context"
+    save_checkpoint(tiny_qwen2(tok, seed=0, max_position_embeddings=32768), tok, path)
+    return path
+
+
+SMALL_KV = 0.01  # GiB: about 20k tokens of the tiny model's KV, less than its declared 32k
+
+
+def test_a_small_kv_cache_starts_when_the_context_is_sized_by_the_stage(long_folder, tok, prompts):
+    from hca.rollout.base import SamplingParams
+    from hca.rollout.engines import sampling_need, stage_context_len
+    from hca.rollout.vllm import engine_for
+
+    need = sampling_need(prompts, tok, 24)
+    cfg = EngineConfig(engine="vllm", kv_cache_gb=SMALL_KV, dtype="float32")
+    eng = build_engine(cfg, str(long_folder), tok, context_need=need, setting="model.init_args.engine")
+    assert eng.max_model_len == stage_context_len(*need, 32, 32768) < 32768
+    assert "sized by the stage" in eng.context_origin
+    batch = eng.generate(prompts, SamplingParams(max_new_tokens=24, n=2, seed=1))
+    assert len(batch) == 6 and int(batch.response_lengths.max()) <= 24
+    # a need that gives the same context shares the engine; the HF engine ignores the need
+    assert build_engine(cfg, str(long_folder), tok, context_need=(eng.max_model_len - 8, 8)) is eng
+    assert engine_for(str(long_folder), tok, context_need=need, **cfg.vllm_settings("float32")) is eng
+    from hca.rollout.hf import HFRolloutEngine
+
+    assert isinstance(build_engine(EngineConfig(engine="hf"), str(long_folder), tok, model=torch.nn.Linear(1, 1),
+                                   context_need=need), HFRolloutEngine)
+
+
+def test_an_external_monte_carlo_prover_is_sized_for_prefix_completions(long_folder, tok, prompts):
+    """RL tells the scorer its prompts and policy budget; the prover's context holds prompt + a
+    policy response prefix + the prover's own budget."""
+    from hca.rollout.engines import sampling_need, stage_context_len
+    from hca.scoring import MonteCarloScorer
+
+    scorer = MonteCarloScorer(str(long_folder), sampling={"max_new_tokens": 8},
+                              engine={"engine": "vllm", "kv_cache_gb": SMALL_KV, "dtype": "float32"})
+    scorer.size_context(lambda: prompts, tok, 40)
+    longest, _ = sampling_need(prompts, tok, 0)
+    eng = scorer.engine()
+    assert scorer.context_need(eng.tokenizer) == (longest, 48)  # the scorer's own tokenizer: the same tokens
+    assert eng.max_model_len == stage_context_len(longest, 48, 32, 32768)  # (an engine of that context is shared)
+
+
+def test_a_kv_cache_too_small_for_the_context_names_both_settings(long_folder, tok, prompts):
+    from hca.rollout.base import SamplingParams
+    from hca.rollout.engines import sampling_need
+
+    setting = "model.init_args.engine"
+    full = EngineConfig(engine="vllm", kv_cache_gb=SMALL_KV, dtype="float32", max_model_len=32768)
+    with pytest.raises(ValueError, match=rf"^{setting}: vLLM's KV cache is too small for one sequence of 32768 "
+                                         rf"tokens .*set by {setting}\.max_model_len.*GiB of KV cache needed, "
+                                         rf"0\.01 GiB available; raise {setting}\.kv_cache_gb \(now 0\.01\), or "
+                                         rf"lower {setting}\.max_model_len; vLLM estimates that \d+ tokens fit") as e:
+        build_engine(full, str(long_folder), tok, context_need=sampling_need(prompts, tok, 24), setting=setting)
+    assert "vLLM cannot load" not in str(e.value)
+    # the explicit setting won over the stage's need; unset and without a need, the model's 32k fails alike
+    with pytest.raises(ValueError, match=r"^scorer\.engine: vLLM's KV cache is too small .* 32768 tokens \(the "
+                                         r"context length, the model's declared context"):
+        build_engine(EngineConfig(engine="vllm", kv_cache_gb=SMALL_KV, dtype="float32"), str(long_folder), tok,
+                     setting="scorer.engine")
+    # the failed builds left the live engines working
+    sized = build_engine(EngineConfig(engine="vllm", kv_cache_gb=SMALL_KV, dtype="float32"), str(long_folder), tok,
+                         context_need=sampling_need(prompts, tok, 24))
+    assert len(sized.generate(prompts, SamplingParams(max_new_tokens=4, seed=2))) == 3
 
 
 def test_engines_are_shared_per_request(engine, folder, tok):

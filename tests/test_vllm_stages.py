@@ -68,6 +68,10 @@ def test_rl_with_vllm_syncs_weights_and_takes_logprobs_from_the_trainer(folder, 
                               ppo=PPOConfig(group_size=4, tis_cap=2.0))
     engine = module._engine
     assert isinstance(engine, VLLMRolloutEngine) and engine.records_entropy is False
+    from hca.rollout.engines import stage_context_len
+
+    longest, budget = module.context_need()  # the problems' prompts and the 10-token budget, not the model's 2048
+    assert budget == 10 and engine.max_model_len == stage_context_len(longest, budget, 32, 2048) < 2048
     assert len(rec.logs) == 3
     first, later = rec.logs[0], rec.logs[1:]
     # step 1 samples from the checkpoint (synced once at start), the trainer's pass agrees with vLLM's log-probs
@@ -160,6 +164,12 @@ def test_collection_with_vllm_writes_valid_records(folder, tmp_path):
     assert manifest["identity"]["module"]["engine"] == {"policy": "vllm", "prover": "vllm",
                                                         "vllm": {"dtype": "float32", "max_model_len": None}}
     assert module.policy_model is not None and not list(module.policy_model.parameters())  # no torch copy loaded
+    # the context is what the prover needs (prompt + 12 policy tokens + 6 prover tokens), one engine for both roles
+    from hca.rollout.engines import stage_context_len
+
+    (longest, budget), engines = module.context_needs()["prover"], module.engines()
+    assert budget == 18 and engines[0] is engines[1]
+    assert engines[1].max_model_len == stage_context_len(longest, budget, 32, 2048) < 2048
     for r in recs:
         assert r.finish_reason in ("eos", "stop", "length") and len(r.response_token_ids) <= 12
         assert all(c is None or c[1] == 2 for c in r.counts)

@@ -31,6 +31,11 @@ def check_model_ref(name: str, role: str) -> None:
 
     if is_tiny_spec(name) or Path(name).is_dir():
         return
+    from hca.gguf import check_gguf_file, is_gguf_ref
+
+    if is_gguf_ref(name):
+        check_gguf_file(name)  # a clear error when missing or not GGUF
+        return
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).is_dir()
     if looks_local:
         raise FileNotFoundError(f"{role} checkpoint not found: {name!r} (no such folder; train it first, e.g. "
@@ -75,7 +80,7 @@ class CollectorModule(L.LightningModule):
         self.cfg = collection or CollectionConfig()
         self.engine_config = EngineConfig.coerce(engine, "model.init_args.engine")
         store_plain_hparams(self, engine=self.engine_config)
-        if policy == prover:
+        if policy == prover and self.cfg.best_of_k == 1:  # best-of-K of the policy is another prover (PAV)
             _warn_same(prover)
         self._ids = None  # (policy identity, prover identity), computed on first use (hashes the folders)
         self.policy_model = self.prover_model = None
@@ -89,7 +94,8 @@ class CollectorModule(L.LightningModule):
             check_model_ref(hp.policy, "policy")
             check_model_ref(hp.prover, "prover")
             self._ids = (model_identity(hp.policy), model_identity(hp.prover))
-            if hp.policy != hp.prover and self._ids[0]["sha256"] and self._ids[0]["sha256"] == self._ids[1]["sha256"]:
+            if (hp.policy != hp.prover and self.cfg.best_of_k == 1 and self._ids[0]["sha256"]
+                    and self._ids[0]["sha256"] == self._ids[1]["sha256"]):
                 _warn_same(hp.prover)
         return self._ids
 
@@ -133,11 +139,36 @@ class CollectorModule(L.LightningModule):
             hp, cfg, setting = self.hparams, self.engine_config, "model.init_args.engine"
             if self.trainer_world_size() > 1 and "vllm" in self.engine_kinds().values():
                 raise ValueError(f"{setting}: vllm runs on one rank only for now; collect on one rank or with {setting}: hf")
+            needs = (self.context_needs() if "vllm" in self.engine_kinds().values() and cfg.max_model_len is None
+                     else {"policy": None, "prover": None})
             self._engines = (build_engine(cfg, hp.policy, self.policy_tok, model=self.policy_model, dtype=hp.dtype,
-                                          setting=setting),
+                                          setting=setting, context_need=needs["policy"]),
                              build_engine(cfg, hp.prover, self.prover_tok, model=self.prover_model, dtype=hp.dtype,
-                                          setting=setting))
+                                          setting=setting, context_need=needs["prover"]))
         return self._engines
+
+    def context_needs(self) -> dict[str, tuple[int, int] | None]:
+        """``{"policy": (longest prompt, response budget), "prover": ...}`` in each model's tokens,
+        which size a vLLM engine's context when ``engine.max_model_len`` is unset: the prompts are
+        the predict datamodule's problems rendered in the policy's format; the policy samples its
+        budget after them, the prover completes ``prompt + a prefix of a policy response``
+        (:func:`hca.collect.estimate_prefix_values`) with its own budget
+        (:func:`hca.rollout.engines.continuation_need`). One model in both roles gets the larger
+        need for both (one engine). None each without such a datamodule (the model's context)."""
+        from hca.rollout.engines import continuation_need, sampling_need
+
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        problems = getattr(dm, "problems", None)
+        if not problems:
+            return {"policy": None, "prover": None}
+        hp = self.hparams
+        rendered, _ = render_problems(problems, self.prompt, self.policy_tokenizer())
+        prompts = list(dict.fromkeys(p.prompt for p in rendered))
+        policy_budget, prover_budget = self.cfg.policy.max_new_tokens, self.cfg.prover.max_new_tokens
+        prover = continuation_need(prompts, self.policy_tok, policy_budget, self.prover_tok, prover_budget)
+        same = hp.policy == hp.prover and (hp.policy_tokenizer or hp.policy) == (hp.prover_tokenizer or hp.prover)
+        policy = prover if same else sampling_need(prompts, self.policy_tok, policy_budget)
+        return {"policy": policy, "prover": prover}
 
     def trainer_world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
@@ -159,8 +190,8 @@ class CollectorModule(L.LightningModule):
         engine = {"policy": kinds["policy"], "prover": kinds["prover"]}  # the samples depend on the engine and ...
         if "hf" in kinds.values():
             engine["max_batch_size"] = self.engine_config.max_batch_size  # ... on the HF engine's sub-batching
-        if "vllm" in kinds.values():  # ... and on vLLM's dtype and context length
-            cfg = self.engine_config
+        if "vllm" in kinds.values():  # ... and on vLLM's dtype and context length (the setting: None sizes it by
+            cfg = self.engine_config  # the problems and budgets, which the rest of the identity fixes)
             engine["vllm"] = {"dtype": cfg.dtype or hp.dtype, "max_model_len": cfg.max_model_len}
         return {"format": FORMAT_VERSION, "policy": policy_id, "prover": prover_id,
                 "policy_tokenizer": hp.policy_tokenizer, "prover_tokenizer": hp.prover_tokenizer, "dtype": hp.dtype,

@@ -188,13 +188,33 @@ class HCAPolicyModule(L.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
 
+    def configure_callbacks(self):
+        from hca.progress import step_progress_bar
+
+        return step_progress_bar(self.trainer)  # "RL step 12/200", not Lightning's "Epoch 0/-2"
+
+    def progress_steps(self) -> tuple[str, int, int | None]:
+        """The training bar's ``(label, done, total)`` (:mod:`hca.progress`): RL steps done, of those
+        ``trainer.max_steps`` (``ppo.updates_per_step`` updates each) and ``max_epochs`` allow."""
+        from hca.progress import training_total
+
+        dm = self.trainer.datamodule
+        per_step = getattr(dm, "hparams", {}).get("problems_per_step") if dm is not None else None
+        updates = self.ppo.updates_per_step(per_step * self.ppo.group_size) if per_step else None
+        if updates is None and self.rl_step:
+            updates = max(1, self.trainer.global_step // self.rl_step)
+        return "RL step", self.rl_step, training_total(self.trainer, updates, 1) if updates else None
+
     def on_fit_start(self) -> None:
         for model in self._frozen.values():
             model.to(self.device)
         self._engine = None
+        self._stage_prompts = None  # of this fit's datamodule
         self.check_prompt_format()
         if getattr(self.scorer, "uses_current_policy", False):
             self.scorer.bind_policy(_CurrentPolicy(self))  # the prover is the policy of the current RL step
+        elif hasattr(self.scorer, "size_context"):  # an external prover completes prefixes of this fit's responses
+            self.scorer.size_context(self.stage_prompts, self.tokenizer, self.sampling.max_new_tokens)
 
     def check_prompt_format(self) -> None:
         """Refuse a scorer trained on prompts of another format (``allow_prompt_format_mismatch`` overrides)."""
@@ -222,16 +242,48 @@ class HCAPolicyModule(L.LightningModule):
             from hca.rollout.engines import build_engine, resolve_engine
 
             setting = "model.init_args.engine"
-            if resolve_engine(self.engine_config, self.hparams.policy, setting) == "vllm" and (
-                    self._trainer is not None and self.trainer.world_size > 1):
+            vllm = resolve_engine(self.engine_config, self.hparams.policy, setting) == "vllm"
+            if vllm and self._trainer is not None and self.trainer.world_size > 1:
                 raise ValueError(f"{setting}: vllm runs on one rank only for now (got {self.trainer.world_size} "
                                  f"ranks); use {setting}: hf on several ranks")
+            need = self.context_need() if vllm and self.engine_config.max_model_len is None else None
             self._engine = build_engine(self.engine_config, self.hparams.policy, self.tokenizer, model=self.model,
-                                        dtype=self.hparams.dtype, owner="rl", setting=setting)
+                                        dtype=self.hparams.dtype, owner="rl", setting=setting, context_need=need)
             self._engine_synced = self._engine.samples_live_weights
         if not self._engine_synced:
             self.sync_engine()
         return self._engine
+
+    def stage_prompts(self) -> list[str] | None:
+        """The prompts this fit samples after (unique): the datamodule's train and validation problems
+        rendered in the policy's format; None when the trainer has no such datamodule."""
+        if getattr(self, "_stage_prompts", None) is None:
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            if dm is None or not hasattr(dm, "train_problems"):
+                return None
+            problems = [*dm.train_problems, *getattr(dm, "val_problems", [])]
+            rendered, _ = render_problems(problems, self.prompt, self.tokenizer)
+            self._stage_prompts = list(dict.fromkeys(p.prompt for p in rendered))
+        return self._stage_prompts
+
+    def response_budget(self) -> int:
+        """The most tokens the engine is asked for after a prompt: RL sampling, validation, and a
+        Monte Carlo scorer whose prover is the current policy (it completes prefixes of responses)."""
+        budget = self.sampling.max_new_tokens
+        if self.validation is not None:
+            budget = max(budget, self.validation.max_new_tokens)
+        if getattr(self.scorer, "uses_current_policy", False):
+            budget = max(budget, self.sampling.max_new_tokens + self.scorer.max_new_tokens)
+        return budget
+
+    def context_need(self) -> tuple[int, int] | None:
+        """``(longest prompt, response budget)`` in the policy's tokens, which sizes a vLLM engine's
+        context when ``engine.max_model_len`` is unset (:func:`hca.rollout.engines.stage_context_len`);
+        None without a datamodule of problems (the model's context then)."""
+        from hca.rollout.engines import sampling_need
+
+        prompts = self.stage_prompts()
+        return None if prompts is None else sampling_need(prompts, self.tokenizer, self.response_budget())
 
     def sync_engine(self) -> float:
         """Load the module's weights into an engine that keeps its own copy (vLLM): LoRA merged,

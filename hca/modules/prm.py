@@ -151,6 +151,17 @@ class PRMModule(L.LightningModule):
         """Logits ``[B, J]`` at every boundary of the batch."""
         return self.prm(batch.input_ids, batch.attention_mask, batch.positions)
 
+    def configure_callbacks(self):
+        from hca.progress import step_progress_bar
+
+        return step_progress_bar(self.trainer)  # "PRM step 340/2000", not Lightning's "Epoch 0/-2"
+
+    def progress_steps(self) -> tuple[str, int, int | None]:
+        """The training bar's ``(label, done, total)`` (:mod:`hca.progress`): optimizer steps."""
+        from hca.progress import training_total
+
+        return "PRM step", self.trainer.global_step, training_total(self.trainer)
+
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         tok = getattr(dm, "tokenizer", None)

@@ -94,6 +94,17 @@ class SFTModule(L.LightningModule):
         if self.hparams.export_dir and self.trainer.is_global_zero:
             save_checkpoint(self.model, self.tokenizer, self.hparams.export_dir)
 
+    def configure_callbacks(self):
+        from hca.progress import step_progress_bar
+
+        return step_progress_bar(self.trainer)  # "SFT step 340/2000", not Lightning's "Epoch 0/-2"
+
+    def progress_steps(self) -> tuple[str, int, int | None]:
+        """The training bar's ``(label, done, total)`` (:mod:`hca.progress`): optimizer steps."""
+        from hca.progress import training_total
+
+        return "SFT step", self.trainer.global_step, training_total(self.trainer)
+
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.model.parameters())
         if self.scheduler_factory is None:

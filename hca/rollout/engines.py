@@ -5,6 +5,11 @@ CPU default; the only engine with entropies; samples from the live training weig
 ``engine: vllm`` -- :class:`~hca.rollout.vllm.VLLMRolloutEngine` over the checkpoint folder (a clear
 error when vLLM is not installed or cannot load the model). ``engine: auto`` -- vLLM when it is
 installed and the model is a checkpoint folder of at least ``auto_min_params`` parameters, else HF.
+
+vLLM's context (``max_model_len``) is what the stage needs unless set: the stage passes
+``context_need = (longest prompt, response budget)`` in tokens and :func:`stage_context_len` sizes
+the context from it, so that vLLM does not reserve a KV cache for the model's whole declared context
+(32k positions for Qwen2.5) that the stage never uses.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 ENGINES = ("hf", "vllm", "auto")
 
@@ -24,7 +30,7 @@ class EngineConfig:
     max_batch_size: int = 256  # HF: samples per sub-batch (part of what fixes the HF random streams)
     auto_min_params: int = 5_000_000  # auto: models with fewer parameters (and tiny-llama specs) use HF
     dtype: str | None = None  # vLLM parameter dtype; None: the stage's dtype
-    max_model_len: int | None = None  # vLLM context length (prompt + response); None: the model's
+    max_model_len: int | None = None  # vLLM context length (prompt + response); None: what the stage needs (longest prompt + response budget, in KV blocks, at most the model's)
     enable_prefix_caching: bool = True  # vLLM: share the KV of common prefixes (Monte Carlo completions)
     gpu_memory_utilization: float = 0.5  # vLLM on CUDA: fraction of GPU memory the engine takes
     kv_cache_gb: float | None = None  # vLLM KV-cache GiB; None: 1 on CPU, from gpu_memory_utilization on CUDA
@@ -105,21 +111,85 @@ def resolve_engine(cfg: EngineConfig, model_ref: str, setting: str = "engine") -
         return "vllm"
     if not vllm_available() or is_tiny_spec(model_ref):
         return "hf"
-    n = checkpoint_num_params(model_ref)
+    from hca.gguf import resolve_model_ref
+
+    n = checkpoint_num_params(resolve_model_ref(model_ref))
     return "vllm" if n is not None and n >= cfg.auto_min_params else "hf"
 
 
 def build_engine(cfg: EngineConfig, model_ref: str, tokenizer, *, model=None, dtype: str = "float32",
-                 owner: str | None = None, setting: str = "engine"):
+                 owner: str | None = None, setting: str = "engine", context_need: tuple[int, int] | None = None):
     """The stage's engine. HF needs the loaded torch ``model``; vLLM loads ``model_ref`` itself (one
     engine per process and settings, :func:`hca.rollout.vllm.engine_for`; ``owner``: an engine of
-    its own for a caller that syncs weights into it)."""
+    its own for a caller that syncs weights into it). ``context_need``: ``(longest prompt, response
+    budget)`` in tokens, which sizes vLLM's context when ``cfg.max_model_len`` is None
+    (:func:`stage_context_len`); None: the model's whole context. The HF engine ignores it."""
     if resolve_engine(cfg, model_ref, setting) == "vllm":
         from hca.rollout.vllm import engine_for
 
-        return engine_for(model_ref, tokenizer, owner=owner, setting=setting, **cfg.vllm_settings(dtype))
+        return engine_for(model_ref, tokenizer, owner=owner, setting=setting, context_need=context_need,
+                          **cfg.vllm_settings(dtype))
     if model is None:
         raise ValueError(f"{setting}: the HF engine needs the loaded model of {model_ref!r}")
     from hca.rollout.hf import HFRolloutEngine
 
     return HFRolloutEngine(model, tokenizer, max_batch_size=cfg.max_batch_size)
+
+
+# ---------------------------------------------------------------------------------------- context sizing
+def stage_context_len(longest_prompt: int, response_budget: int, block_size: int, model_max: int | None) -> int:
+    """vLLM's context for a stage: ``longest_prompt + response_budget`` tokens rounded up to whole KV
+    blocks of ``block_size``, at most ``model_max`` (the model's ``max_position_embeddings``; None:
+    no cap)."""
+    if longest_prompt < 0 or response_budget < 0 or block_size < 1:
+        raise ValueError(f"stage_context_len: bad arguments ({longest_prompt}, {response_budget}, {block_size})")
+    need = max(1, longest_prompt + response_budget)
+    n = -(-need // block_size) * block_size
+    return n if model_max is None else min(n, int(model_max))
+
+
+MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")  # vLLM's, smallest wins
+
+
+def model_context_len(folder: str) -> int | None:
+    """The context a checkpoint folder declares (the smallest of the ``config.json`` keys vLLM
+    reads, of the text config when there is one); None when it says none or is not a folder."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config") or config
+    found = [int(config[k]) for k in MAX_LEN_KEYS if isinstance(config.get(k), (int, float)) and config[k] > 0]
+    return min(found) if found else None
+
+
+def prompt_lengths(prompts: Sequence[str], tokenizer) -> list[int]:
+    """Tokens of each prompt as the engines encode it (``add_special_tokens=True``)."""
+    prompts = list(dict.fromkeys(prompts))
+    if not prompts:
+        return []
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+
+
+def sampling_need(prompts: Sequence[str], tokenizer, response_budget: int) -> tuple[int, int]:
+    """``context_need`` of an engine that samples ``response_budget`` tokens after ``prompts``."""
+    return max(prompt_lengths(prompts, tokenizer), default=0), int(response_budget)
+
+
+def continuation_need(prompts: Sequence[str], policy_tokenizer, policy_budget: int, prover_tokenizer,
+                      prover_budget: int) -> tuple[int, int]:
+    """``context_need`` of a prover that completes ``prompt + a prefix of a policy response``
+    (:func:`hca.collect.estimate_prefix_values`): the longest prompt in the prover's tokens, and the
+    policy's budget plus the prover's. The prefix is text of at most ``policy_budget`` policy tokens;
+    with another tokenizer it counts as ``policy_budget`` times the largest ratio of prover to policy
+    tokens over the prompts (at least 1)."""
+    prompts = list(dict.fromkeys(prompts))
+    mine = prompt_lengths(prompts, prover_tokenizer)
+    budget = int(policy_budget)
+    if prover_tokenizer is not policy_tokenizer and prompts:
+        theirs = prompt_lengths(prompts, policy_tokenizer)
+        ratio = max((a / b for a, b in zip(mine, theirs) if b), default=1.0)
+        budget = math.ceil(policy_budget * max(1.0, ratio))
+    return max(mine, default=0), budget + int(prover_budget)

