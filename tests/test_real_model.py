@@ -187,10 +187,10 @@ def test_hf_and_vllm_decode_smollm2_greedily_alike(model, tok, prompts, vllm_eng
     from hca.rollout.base import SamplingParams
     from hca.rollout.hf import HFRolloutEngine
 
-    greedy = SamplingParams(max_new_tokens=48, greedy=True)
+    greedy = SamplingParams(max_new_tokens=32, greedy=True)
     a, b = vllm_engine.generate(prompts, greedy), HFRolloutEngine(model, tok).generate(prompts, greedy)
     assert a.texts == b.texts and torch.equal(a.response_ids, b.response_ids)
-    assert all(len(t) > 50 for t in a.texts)  # real text, not an immediate EOS
+    assert all(len(t) > 40 for t in a.texts)  # real text, not an immediate EOS
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
