@@ -11,8 +11,8 @@ from hca.recipes import TINY, math_split, recipe_stages, stage_configs
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize("recipe", ["gsm8k", "math"])
-@pytest.mark.parametrize("scale", ["full", "tiny"])
+@pytest.mark.parametrize("recipe", ["gsm8k", "gsm8k_easy", "math"])
+@pytest.mark.parametrize("scale", ["full", "tiny", "smol"])
 def test_every_stage_config_instantiates(recipe, scale, tmp_path, monkeypatch):
     from hca.cli import main
     from hca.pipeline import derived_config
@@ -27,9 +27,14 @@ def test_every_stage_config_instantiates(recipe, scale, tmp_path, monkeypatch):
         assert str(out) in text and f"runs/{recipe}/" not in text.split("\n", 1)[1]  # every output under --out
         cli = main(args=["--config", path], run=False)
         if name.startswith("rl") or name == "eval":
-            assert cli.model.hparams.policy == "runs/tiny/policy" and cli.datamodule.hparams.task == recipe
+            assert cli.model.hparams.policy == "runs/tiny/policy"
+            assert cli.datamodule.hparams.task == ("gsm8k" if recipe == "gsm8k_easy" else recipe)
             if scale == "tiny":
                 assert cli.trainer.max_steps in (2, -1)
+            if scale == "smol" and name.startswith("rl"):
+                assert cli.trainer.max_steps == 6 and cli.model.sampling.temperature == 0.7
+        if name == "collect" and scale == "smol":
+            assert cli.model.cfg.best_of_k == 4 and cli.model.cfg.policy.temperature == 0.7
     if scale == "tiny":
         assert set(TINY) == {"collect", "prm", "rl", "eval"}
 
@@ -86,3 +91,27 @@ def test_pipeline_cli_reports_bad_flags_without_a_traceback(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="error: --policy .*no such folder"):
         main(["--recipe", "gsm8k", "--policy", str(tmp_path / "x"), "--prover", "y", "--prm-backbone", "z"])
+
+
+def test_gsm8k_easy_split_keeps_short_solutions_in_order(tmp_path):
+    from hca.recipes import gsm8k_easy_split, solution_lines
+
+    if not (data_dir() / "gsm8k" / "test.jsonl").exists():
+        pytest.skip("shared GSM8K absent")
+    assert solution_lines("a = <<1+1=2>>2\n\nb = 3\n#### 3") == 2
+    train, test = gsm8k_easy_split(str(tmp_path / "easy"))
+    rows = [json.loads(line) for line in Path(test).read_text().splitlines()]
+    full = [json.loads(line) for line in (data_dir() / "gsm8k" / "test.jsonl").read_text().splitlines()]
+    assert rows == [r for r in full if solution_lines(r["answer"]) <= 2] and len(rows) == 326
+    assert len(Path(train).read_text().splitlines()) == 1961
+
+
+def test_recipe_flags_accept_a_gguf_file_and_name_a_bad_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        recipe_stages("gsm8k", policy=str(tmp_path / "absent.gguf"), prover="runs/tiny/prover",
+                      prm_backbone="runs/tiny/prm_backbone", out=str(tmp_path / "out"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"nope")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        recipe_stages("gsm8k", policy=str(bad), prover=str(bad), prm_backbone=str(bad), out=str(tmp_path / "out"))
