@@ -179,6 +179,9 @@ def main(argv=None) -> int:
         q.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "bfloat16", "float16"],
                        help="weights' dtype (float32 keeps the dequantized values exactly; hca/gguf.py)")
     args = p.parse_args(argv)
+    from hca.console import quiet_console
+
+    quiet_console()  # our two lines, not transformers' per-tensor bars or DeepSpeed's accelerator notice
     src = args.file if args.cmd == "import" else bundled_file(args.name)
     try:
         folder = import_gguf(src, args.out, args.dtype)
