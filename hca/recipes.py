@@ -164,7 +164,7 @@ SMOL: dict[str, dict[str, Any]] = {
              "model.init_args.validation.temperature": 0.7, "model.init_args.engine.dtype": "float32",
              "model.init_args.engine.kv_cache_gb": 0.5, "data.init_args.num_val": 128, "data.init_args.val_batch_size": 64},
 }
-"""The ``scale="smol"`` sizes, for a ~135M model on a 2-core CPU in about 40 minutes (``make recipe-smol``):
+"""The ``scale="smol"`` sizes, for a ~135M model on a 2-core CPU in about 25 minutes (``make recipe-smol``):
 32 collection problems x 2 responses, M = 4 prover completions per prefix and a best-of-4 prover (PAV's
 choice), 16 PRM updates of 4 trajectories, 6 RL steps of 4 problems x 4 responses (one update each, lr
 5e-6), validation on 32 problems x 2, evaluation on 128 test problems x 2; budgets of 128 tokens,
