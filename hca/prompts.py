@@ -142,6 +142,13 @@ def render_problems(problems: Sequence[Problem], fmt: PromptFormat, tokenizer, m
     return kept, skipped
 
 
+def rendered_prompts(problems: Sequence[Problem], fmt: PromptFormat, tokenizer) -> list[str]:
+    """The distinct prompts of ``problems`` rendered by ``fmt`` (first-seen order): what a stage will
+    sample after, e.g. to size an engine's context (:mod:`hca.rollout.engines`)."""
+    rendered, _ = render_problems(problems, fmt, tokenizer)
+    return list(dict.fromkeys(p.prompt for p in rendered))
+
+
 def render_like(recorded: dict | None, question: str) -> str:
     """A prompt for ``question`` in a recorded format (``describe()``'s ``rendered``, placeholder
     replaced), without its tokenizer; the plain default format when ``recorded`` is None."""

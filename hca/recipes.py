@@ -134,34 +134,24 @@ TINY: dict[str, dict[str, Any]] = {
 4 evaluation problems, fp32 on CPU (minutes; the plumbing, not learning)."""
 TINY_HCA_SCORER = {"model.init_args.scorer.init_args.dtype": "float32", "model.init_args.scorer.init_args.device": "cpu"}
 
-_SMOL_SAMPLING = {"temperature": 0.7}  # SmolLM2-135M writes noise at T = 1 (docs/recipes.md); 0.7 reads as text
-SMOL: dict[str, dict[str, Any]] = {
-    "collect": {"trainer.accelerator": "cpu", "model.init_args.dtype": "float32", "model.init_args.num_threads": None,
-                "model.init_args.collection.num_responses": 2, "model.init_args.collection.num_rollouts": 4,
+_SMOL_T = 0.7  # SmolLM2-135M writes noise at T = 1 (docs/recipes.md); 0.7 reads as text
+SMOL: dict[str, dict[str, Any]] = {  # TINY's CPU settings, with a 135M model's sizes
+    "collect": {**TINY["collect"], "model.init_args.collection.num_rollouts": 4,
                 "model.init_args.collection.num_rollouts_h0": 4, "model.init_args.collection.best_of_k": 4,
-                "model.init_args.collection.policy.max_new_tokens": 128,
-                "model.init_args.collection.prover.max_new_tokens": 128,
                 **{f"model.init_args.collection.{who}.{k}": v for who in ("policy", "prover")
-                   for k, v in _SMOL_SAMPLING.items()},
+                   for k, v in (("max_new_tokens", 128), ("temperature", _SMOL_T))},
                 "data.init_args.limit": 32, "data.init_args.chunk_size": 8},
-    "prm": {"trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.precision": "32-true", "trainer.max_steps": 16,
-            "trainer.val_check_interval": 8, "trainer.accumulate_grad_batches": 1, "trainer.log_every_n_steps": 1,
-            "trainer.callbacks.0.init_args.every_n_train_steps": 8, "model.init_args.gradient_checkpointing": False,
-            "model.init_args.optimizer.init_args.lr": 1e-5, "model.init_args.scheduler": None,
-            "data.init_args.val_fraction": 0.25, "data.init_args.batch_size": 4, "data.init_args.val_batch_size": 8,
-            "data.init_args.num_workers": 0},
-    "rl": {"trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.precision": "32-true", "trainer.max_steps": 6,
-           "trainer.val_check_interval": 3, "trainer.callbacks.0.init_args.every_n_train_steps": 1,
-           "model.init_args.optimizer.init_args.lr": 5e-6, "model.init_args.ppo.group_size": 4,
-           "model.init_args.ppo.mini_batch_size": 16, "model.init_args.ppo.recompute_old_logp": True,
-           "model.init_args.sampling.max_new_tokens": 128, "model.init_args.sampling.temperature": 0.7,
-           "model.init_args.validation.n": 2, "model.init_args.validation.ks": [1, 2],
-           "model.init_args.validation.max_new_tokens": 128, "model.init_args.validation.temperature": 0.7,
-           "model.init_args.engine.dtype": "float32", "model.init_args.engine.kv_cache_gb": 0.5,
-           "data.init_args.problems_per_step": 4, "data.init_args.num_val": 32, "data.init_args.val_batch_size": 32},
-    "eval": {"trainer.accelerator": "cpu", "trainer.precision": "32-true", "model.init_args.validation.n": 2,
-             "model.init_args.validation.ks": [1, 2], "model.init_args.validation.max_new_tokens": 128,
-             "model.init_args.validation.temperature": 0.7, "model.init_args.engine.dtype": "float32",
+    "prm": {**TINY["prm"], "trainer.max_steps": 16, "trainer.val_check_interval": 8,
+            "trainer.callbacks.0.init_args.every_n_train_steps": 8, "model.init_args.optimizer.init_args.lr": 1e-5},
+    "rl": {**TINY["rl"], "trainer.max_steps": 6, "trainer.val_check_interval": 3,
+           "model.init_args.optimizer.init_args.lr": 5e-6, "model.init_args.ppo.mini_batch_size": 16,
+           "model.init_args.ppo.recompute_old_logp": True, "model.init_args.sampling.max_new_tokens": 128,
+           "model.init_args.sampling.temperature": _SMOL_T, "model.init_args.validation.max_new_tokens": 128,
+           "model.init_args.validation.temperature": _SMOL_T, "model.init_args.engine.dtype": "float32",
+           "model.init_args.engine.kv_cache_gb": 0.5, "data.init_args.problems_per_step": 4,
+           "data.init_args.num_val": 32, "data.init_args.val_batch_size": 32},
+    "eval": {**TINY["eval"], "model.init_args.validation.max_new_tokens": 128,
+             "model.init_args.validation.temperature": _SMOL_T, "model.init_args.engine.dtype": "float32",
              "model.init_args.engine.kv_cache_gb": 0.5, "data.init_args.num_val": 128, "data.init_args.val_batch_size": 64},
 }
 """The ``scale="smol"`` sizes, for a ~135M model on a 2-core CPU in about 25 minutes (``make recipe-smol``):

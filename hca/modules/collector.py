@@ -16,7 +16,7 @@ import torch
 from hca.collect import CollectionConfig, label_chunk
 from hca.models import load_causal_lm, load_tokenizer
 from hca.modules.hparams import store_plain_hparams
-from hca.prompts import PromptFormat, context_length, render_problems
+from hca.prompts import PromptFormat, context_length, render_problems, rendered_prompts
 from hca.rollout.engines import EngineConfig
 from hca.trajectories import FORMAT_VERSION, model_identity
 
@@ -162,8 +162,7 @@ class CollectorModule(L.LightningModule):
         if not problems:
             return {"policy": None, "prover": None}
         hp = self.hparams
-        rendered, _ = render_problems(problems, self.prompt, self.policy_tokenizer())
-        prompts = list(dict.fromkeys(p.prompt for p in rendered))
+        prompts = rendered_prompts(problems, self.prompt, self.policy_tokenizer())
         policy_budget, prover_budget = self.cfg.policy.max_new_tokens, self.cfg.prover.max_new_tokens
         prover = continuation_need(prompts, self.policy_tok, policy_budget, self.prover_tok, prover_budget)
         same = hp.policy == hp.prover and (hp.policy_tokenizer or hp.policy) == (hp.prover_tokenizer or hp.prover)

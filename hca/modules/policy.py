@@ -47,7 +47,7 @@ from hca.models import enable_gradient_checkpointing, load_causal_lm, load_token
 from hca.credit import truncated_is_weights
 from hca.ppo import PPOConfig, frozen_logprobs, ppo_loss, teacher_forced
 from hca.problems import Problem
-from hca.prompts import PromptFormat, context_length, render_problems
+from hca.prompts import PromptFormat, context_length, render_problems, rendered_prompts
 from hca.rl_batch import CreditConfig, RLBatch, build_rl_batch
 from hca.rl_metrics import batch_metrics
 from hca.rollout.base import SamplingParams
@@ -262,28 +262,24 @@ class HCAPolicyModule(L.LightningModule):
             if dm is None or not hasattr(dm, "train_problems"):
                 return None
             problems = [*dm.train_problems, *getattr(dm, "val_problems", [])]
-            rendered, _ = render_problems(problems, self.prompt, self.tokenizer)
-            self._stage_prompts = list(dict.fromkeys(p.prompt for p in rendered))
+            self._stage_prompts = rendered_prompts(problems, self.prompt, self.tokenizer)
         return self._stage_prompts
-
-    def response_budget(self) -> int:
-        """The most tokens the engine is asked for after a prompt: RL sampling, validation, and a
-        Monte Carlo scorer whose prover is the current policy (it completes prefixes of responses)."""
-        budget = self.sampling.max_new_tokens
-        if self.validation is not None:
-            budget = max(budget, self.validation.max_new_tokens)
-        if getattr(self.scorer, "uses_current_policy", False):
-            budget = max(budget, self.sampling.max_new_tokens + self.scorer.max_new_tokens)
-        return budget
 
     def context_need(self) -> tuple[int, int] | None:
         """``(longest prompt, response budget)`` in the policy's tokens, which sizes a vLLM engine's
         context when ``engine.max_model_len`` is unset (:func:`hca.rollout.engines.stage_context_len`);
-        None without a datamodule of problems (the model's context then)."""
+        None without a datamodule of problems (the model's context then). The budget is the most the
+        engine is asked for after a prompt: RL sampling, validation, and a Monte Carlo scorer whose
+        prover is the current policy (it completes prefixes of responses)."""
         from hca.rollout.engines import sampling_need
 
         prompts = self.stage_prompts()
-        return None if prompts is None else sampling_need(prompts, self.tokenizer, self.response_budget())
+        if prompts is None:
+            return None
+        budget = max(self.sampling.max_new_tokens, self.validation.max_new_tokens if self.validation else 0)
+        if getattr(self.scorer, "uses_current_policy", False):
+            budget = max(budget, self.sampling.max_new_tokens + self.scorer.max_new_tokens)
+        return sampling_need(prompts, self.tokenizer, budget)
 
     def sync_engine(self) -> float:
         """Load the module's weights into an engine that keeps its own copy (vLLM): LoRA merged,
