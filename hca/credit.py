@@ -6,8 +6,12 @@ Layout, in the order the RL step uses it:
 * ``outcome_advantages`` -- group-relative outcome advantage A_i: GRPO / RLOO / Dr. GRPO (section 5).
 * ``step_progress``      -- P_k = V(h_k) - V(h_{k-1}), last step grounded in the outcome (sections 3, 5).
 * ``whiten_progress``    -- optional batch whitening of the valid progress entries (section 5).
+* ``cap_truncated``      -- guard: no positive progress on a response cut at its budget (section 10).
+* ``min_form_progress``  -- guard: a step's credit is the soft minimum of the progress from it to the end (PURE).
+* ``clip_progress``      -- guard: progress ``min(P - eta, 0)`` on every step but the grounded last one (Gao et al.).
 * ``entropy_weights``    -- w_t, clipped entropy ratio rescaled to mean 1 within each step (section 6).
 * ``token_advantages``   -- A_t = w_t * (A_i + alpha * P_{i,k(t)}) (sections 5, 6).
+* ``entropy_bonus``      -- the additive, capped token term A_t + min(c H_t, |A_t| / kappa) (arXiv 2506.14758).
 * ``policy_loss``        -- clipped surrogate with asymmetric clip and three aggregations (section 7).
 * ``aggregate``          -- the masked reduction shared by ``policy_loss`` and the KL term.
 * ``kl_k3``              -- k3 estimator of KL(pi || pi_ref) per token (section 7).
@@ -169,6 +173,61 @@ def whiten_progress(progress: Tensor, num_steps: Tensor, eps: float = 1e-6, cent
 
 
 # --------------------------------------------------------------------------------------------
+# Guards against a farmed progress signal (METHOD.md section 10)
+# --------------------------------------------------------------------------------------------
+def _valid_steps(progress: Tensor, num_steps: Tensor) -> Tensor:
+    return torch.arange(progress.shape[-1], device=progress.device) < num_steps.to(progress.device).unsqueeze(-1)
+
+
+def cap_truncated(progress: Tensor, truncated: Tensor) -> Tensor:
+    """``progress [N, S]``, ``truncated [N] bool`` -> ``[N, S]``: ``min(P, 0)`` on every step of a
+    truncated row, unchanged elsewhere. A response cut at its budget has no verified answer, so no
+    step of it may be rewarded (the farmed responses of the sparse regime were all cut at the budget)."""
+    cut = truncated.to(progress.device).bool().unsqueeze(-1)
+    return torch.where(cut, progress.clamp(max=0), progress)
+
+
+def min_form_progress(progress: Tensor, num_steps: Tensor, temperature: float = 0.1) -> Tensor:
+    """PURE's min-form credit (Cheng et al. 2025, arXiv 2504.15275): the credit of step ``k`` is the
+    soft minimum of the process rewards from it to the last step,
+    ``G_k = sum_{j=k..K} softmax_j(-P_j / T) * P_j`` (the softmax over ``j = k..K`` only).
+
+    ``progress [N, S]``, ``num_steps [N]`` -> ``[N, S]``, 0 beyond ``K``. ``T -> 0`` is the hard
+    minimum ``min_{j >= k} P_j``; ``T -> inf`` the mean of ``P_k..P_K``. The last step keeps
+    ``G_K = P_K`` (grounded in the outcome), and a step is never credited more than the worst step
+    after it by much: a response that ends badly cannot collect positive credit on its way there.
+    Unlike the sum-form (today's per-step ``P_k``), the credit no longer telescopes to ``R - V(h_0)``.
+    ``O(N S^2)`` memory (S is a few dozen steps).
+    """
+    if not temperature > 0:
+        raise ValueError(f"min-form temperature must be > 0, got {temperature!r}")
+    s = progress.shape[-1]
+    valid = _valid_steps(progress, num_steps)
+    p = torch.where(valid, progress, torch.zeros_like(progress))
+    idx = torch.arange(s, device=progress.device)
+    # window[n, k, j]: j in [k, K) -- the steps whose rewards step k's return soft-minimises
+    window = (idx.view(1, 1, s) >= idx.view(1, s, 1)) & valid.unsqueeze(1)
+    logits = torch.where(window, (-p / temperature).unsqueeze(1).expand(-1, s, -1),
+                         torch.full_like(p, -torch.inf).unsqueeze(1).expand(-1, s, -1))
+    any_j = window.any(-1, keepdim=True)
+    weight = torch.softmax(torch.where(any_j, logits, torch.zeros_like(logits)), dim=-1)
+    g = (torch.where(window, weight, torch.zeros_like(weight)) * p.unsqueeze(1)).sum(-1)
+    return torch.where(valid, g, torch.zeros_like(g))
+
+
+def clip_progress(progress: Tensor, num_steps: Tensor, eta: float = 0.0) -> Tensor:
+    """Gao et al.'s Clip (arXiv 2410.15115): ``P_k <- min(P_k - eta, 0)`` for ``k < K``; the last,
+    grounded step ``P_K`` (``R - V(h_{K-1})``) is left as is. ``progress [N, S]``, ``num_steps [N]`` ->
+    ``[N, S]``, 0 beyond ``K``. Intermediate steps can then only be blamed, never rewarded, so a
+    response's total process reward is at most its last step's: more steps cannot earn more."""
+    valid = _valid_steps(progress, num_steps)
+    k = torch.arange(1, progress.shape[-1] + 1, device=progress.device)
+    last = k == num_steps.to(progress.device).unsqueeze(-1)
+    out = torch.where(last, progress, (progress - eta).clamp(max=0))
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+# --------------------------------------------------------------------------------------------
 # Token weights and token advantage (section 6)
 # --------------------------------------------------------------------------------------------
 def entropy_weights(
@@ -274,6 +333,30 @@ def token_advantages(
     w = torch.where(valid, w, torch.zeros_like(w))
     adv = w * term if modulate == "advantage" else base + w * step
     return torch.where(valid, adv, torch.zeros_like(adv)), w
+
+
+def entropy_bonus(advantages: Tensor, entropy: Tensor, mask: Tensor, coef: float, kappa: float = 2.0
+                  ) -> tuple[Tensor, Tensor]:
+    """The additive, capped entropy term of Cheng et al. 2025 (arXiv 2506.14758):
+    ``A_t + psi_t`` with ``psi_t = min(coef * H_t, |A_t| / kappa)``, ``H_t`` detached.
+
+    ``advantages, entropy [N, T]``, ``mask [N, T] bool`` -> ``(A' [N, T], psi [N, T])``, both 0 where
+    masked out. ``psi >= 0`` is added whatever the sign of ``A_t``: a rewarded token gains up to
+    ``|A| / kappa``, a blamed one loses up to that much of its blame (more so where the policy was
+    uncertain). With ``kappa > 1`` it never flips a sign, and it is 0 where ``A_t = 0`` (no credit is
+    created). ``coef = 0`` returns the advantages unchanged. Departs from the multiplicative weights of
+    METHOD.md section 6 in that a step's total credit is *not* kept: the term only adds.
+    """
+    if coef < 0 or not kappa > 1:
+        raise ValueError(f"entropy bonus needs coef >= 0 and kappa > 1, got coef={coef}, kappa={kappa}")
+    mask = mask.bool()
+    zero = torch.zeros_like(advantages)
+    if coef == 0:
+        return torch.where(mask, advantages, zero), zero
+    h = torch.where(mask, entropy.detach().to(advantages.dtype), zero).clamp_min(0)
+    psi = torch.minimum(coef * h, advantages.abs() / kappa)
+    psi = torch.where(mask, psi, zero)
+    return torch.where(mask, advantages + psi, zero), psi
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +496,7 @@ def policy_loss(
 
 
 __all__ = [
-    "token_entropy", "outcome_advantages", "step_progress", "whiten_progress", "entropy_weights",
-    "token_advantages", "aggregate", "policy_loss", "kl_k3", "OUTCOME_ESTIMATORS", "AGGREGATIONS",
+    "token_entropy", "outcome_advantages", "step_progress", "whiten_progress", "cap_truncated", "min_form_progress",
+    "clip_progress", "entropy_weights", "token_advantages", "entropy_bonus", "aggregate", "policy_loss", "kl_k3", "OUTCOME_ESTIMATORS", "AGGREGATIONS",
     "LOG_RATIO_CLAMP", "DEFAULT_CHUNK_ELEMENTS",
 ]

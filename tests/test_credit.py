@@ -467,3 +467,83 @@ def test_import_is_light():
             "{'lightning', 'pytorch_lightning', 'transformers', 'deepspeed', 'wandb'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Guards against a farmed progress signal and the additive entropy term
+# --------------------------------------------------------------------------------------------
+from hca.credit import cap_truncated, clip_progress, entropy_bonus, min_form_progress  # noqa: E402
+
+
+def test_cap_truncated_hand_computed():
+    p = torch.tensor([[0.2, -0.1, 0.3], [0.2, -0.1, 0.3]])
+    out = cap_truncated(p, torch.tensor([False, True]))
+    close(out, [[0.2, -0.1, 0.3], [0.0, -0.1, 0.0]])
+
+
+def test_min_form_hand_computed():
+    # row 0: P = [0.2, -0.1, 0.3], K = 3; row 1: P = [0.5, 0.4, (pad 9.0)], K = 2
+    p = torch.tensor([[0.2, -0.1, 0.3], [0.5, 0.4, 9.0]])
+    k = torch.tensor([3, 2])
+    t = 0.1
+
+    def softmin(xs):  # sum_j softmax(-x/T)_j x_j, by hand
+        w = [math.exp(-x / t) for x in xs]
+        return sum(a * x for a, x in zip(w, xs)) / sum(w)
+
+    expect = [[softmin([0.2, -0.1, 0.3]), softmin([-0.1, 0.3]), 0.3], [softmin([0.5, 0.4]), 0.4, 0.0]]
+    # e.g. G_2 of row 0 = (e^1 * -0.1 + e^-3 * 0.3) / (e^1 + e^-3) = -0.0929
+    assert abs(expect[0][1] - (-0.0929)) < 1e-4
+    close(min_form_progress(p, k, t), expect)
+    # T -> 0: the hard minimum of the steps from k to the end; T large: their mean
+    close(min_form_progress(p, k, 1e-4), [[-0.1, -0.1, 0.3], [0.4, 0.4, 0.0]])
+    close(min_form_progress(p, k, 1e6), [[0.4 / 3, 0.1, 0.3], [0.45, 0.4, 0.0]], atol=1e-4)
+
+
+def test_min_form_never_above_the_last_step_when_it_is_the_worst_and_nan_safe():
+    torch.manual_seed(0)
+    p = torch.rand(64, 6) * 0.4
+    p[:, -1] = -0.9  # every response ends badly (grounded R - V = -0.9)
+    k = torch.full((64,), 6)
+    g = min_form_progress(p, k, 0.1)
+    assert (g <= 0).all() and (g[:, :-1] < p[:, :-1]).all()  # nothing collects positive credit on the way down
+    # rows with K = 0 are all zero; NaN beyond K does not leak (value or gradient)
+    q = torch.tensor([[0.1, NAN], [NAN, NAN]], requires_grad=True)
+    out = min_form_progress(q, torch.tensor([1, 0]))
+    assert torch.equal(out.detach(), torch.tensor([[0.1, 0.0], [0.0, 0.0]]))
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    with pytest.raises(ValueError, match="temperature"):
+        min_form_progress(p, k, 0.0)
+
+
+def test_clip_progress_hand_computed():
+    p = torch.tensor([[0.2, -0.1, 0.3], [0.5, 0.4, 9.0]])
+    k = torch.tensor([3, 2])
+    close(clip_progress(p, k), [[0.0, -0.1, 0.3], [0.0, 0.4, 0.0]])  # last step (k = K) kept
+    close(clip_progress(p, k, eta=0.15), [[0.0, -0.25, 0.3], [0.0, 0.4, 0.0]])  # min(0.2 - 0.15, 0) = 0
+
+
+def test_entropy_bonus_hand_computed():
+    a = torch.tensor([[1.0, 1.0, -1.0, -1.0, 0.0, 2.0]])
+    h = torch.tensor([[0.5, 3.0, 0.5, 3.0, 3.0, 1.0]])
+    m = torch.tensor([[True, True, True, True, True, False]])
+    out, psi = entropy_bonus(a, h, m, coef=0.4, kappa=2.0)
+    # psi = min(0.4 H, |A| / 2): 0.2, min(1.2, 0.5) = 0.5, 0.2, 0.5, min(1.2, 0) = 0, masked 0
+    close(psi, [[0.2, 0.5, 0.2, 0.5, 0.0, 0.0]])
+    close(out, [[1.2, 1.5, -0.8, -0.5, 0.0, 0.0]])
+    nz = m & (a != 0)
+    assert (torch.sign(out[nz]) == torch.sign(a[nz])).all() and (out[m & (a == 0)] == 0).all()
+    same, zero = entropy_bonus(a, h, m, coef=0.0)
+    assert torch.equal(same, torch.where(m, a, 0.0)) and not zero.any()
+    with pytest.raises(ValueError, match="kappa"):
+        entropy_bonus(a, h, m, coef=0.4, kappa=1.0)
+
+
+def test_entropy_bonus_never_flips_a_sign():
+    torch.manual_seed(1)
+    a = torch.randn(32, 20)
+    h = torch.rand(32, 20) * 10
+    out, _ = entropy_bonus(a, h, torch.ones_like(a, dtype=torch.bool), coef=5.0, kappa=1.5)
+    assert ((out > 0) == (a > 0)).all() and ((out < 0) == (a < 0)).all()
+    assert (out.abs() <= a.abs() * (1 + 1 / 1.5) + 1e-6).all()
