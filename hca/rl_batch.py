@@ -18,13 +18,19 @@ outcomes into an :class:`RLBatch`, by calling :mod:`hca.credit`:
    Masked responses are still scored (harmless) but their token advantages are 0.
 4. outcome advantage ``A_i`` per group (:func:`hca.credit.outcome_advantages`; all-equal groups: 0).
 5. progress, only when ``progress_coef != 0``: ``scorer.score`` gives ``f(h_0) .. f(h_{K-1})``,
-   the last step is grounded in ``R`` (:func:`hca.credit.step_progress`), optionally whitened over
-   the included responses. With ``progress_coef = 0`` the scorer is never called.
+   the last step is grounded in ``R`` (:func:`hca.credit.step_progress`). Guards (each off by
+   default): ``credit.answer_guard`` grounds at the step that fixes the final answer
+   (:func:`answer_steps`), gives the steps after it no progress and a truncated response no positive
+   progress (:func:`hca.credit.cap_truncated`); ``credit.progress_form`` ``min`` / ``clip`` bounds what
+   a response's steps can collect (:func:`hca.credit.min_form_progress`, :func:`hca.credit.clip_progress`).
+   Optionally whitened over the included responses. With ``progress_coef = 0`` the scorer is never called.
 6. token weights from the behaviour entropies (:func:`hca.credit.entropy_weights`; ``beta = 0``: 1).
 7. ``A_t = w_t (A_i + alpha P_{i,k(t)})`` (:func:`hca.credit.token_advantages`; ``credit.modulate:
    progress`` gives ``A_i + alpha w_t P_{i,k(t)}``, ``credit.sign: inverse_on_negative`` weights a step
    whose modulated term is negative by ``(H_t / mean H)^-beta``). With ``alpha = 0`` and ``beta = 0``
    every variant is exactly ``A_i`` on every response token (GRPO / RLOO / Dr. GRPO).
+8. ``credit.entropy_bonus = c > 0`` adds ``min(c H_t, |A_t| / kappa)`` to every token advantage
+   (:func:`hca.credit.entropy_bonus`, the additive token variant; never flips a sign).
 
 Note that with ``alpha > 0`` an all-equal group still gets progress credit (METHOD.md section 5:
 ``A = A_i + alpha P``, and ``A_i = 0``): this is the point of process rewards when every sample fails.
@@ -38,11 +44,15 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from hca.credit import (MODULATE, OUTCOME_ESTIMATORS, SIGN_RULES, entropy_weights, outcome_advantages, step_progress,
-                        token_advantages, whiten_progress)
+from hca.credit import (MODULATE, OUTCOME_ESTIMATORS, SIGN_RULES, cap_truncated, clip_progress, entropy_bonus,
+                        entropy_weights, min_form_progress, outcome_advantages, step_progress, token_advantages,
+                        whiten_progress)
 from hca.problems import Problem
 from hca.rollout import RolloutBatch
-from hca.steps import align_tokens
+from hca.steps import align_tokens, prefix_text, split_steps
+
+
+PROGRESS_FORMS = ("step", "min", "clip")  # CreditConfig.progress_form
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,14 @@ class CreditConfig:
     whiten_center: bool = False  # also subtract the mean when whitening (breaks telescoping; see credit.py)
     modulate: str = "advantage"  # what the entropy weights multiply: "advantage" (A_i + alpha P_k) | "progress" (alpha P_k only)
     sign: str = "inverse_on_negative"  # "same" | "inverse_on_negative": a step whose modulated term is < 0 weights by (H / mean H)^-beta
+    # guards against a farmed PRM (METHOD.md section 10); each off by default, off = the credit above exactly
+    answer_guard: bool = False  # progress grounded at the step that fixes the final answer, 0 after it; <= 0 on truncated responses
+    progress_form: str = "step"  # "step": P_k | "min": soft minimum of P_k..P_K (PURE) | "clip": min(P_k - clip_eta, 0) but the last step
+    min_temperature: float = 0.1  # T of the min form's softmax(-P / T) (PURE's 0.1; -> 0: the hard minimum)
+    clip_eta: float = 0.0  # eta of the clip form (Gao et al.): intermediate steps get min(P_k - eta, 0)
+    # additive token term (arXiv 2506.14758): A_t + min(c H_t, |A_t| / kappa); a third token variant beside the weights
+    entropy_bonus: float = 0.0  # c (0: off; the paper's 0.4 under GRPO)
+    entropy_bonus_kappa: float = 2.0  # kappa > 1: the term is at most |A_t| / kappa, so it never flips a sign
 
     def __post_init__(self):
         if self.estimator not in OUTCOME_ESTIMATORS:
@@ -76,6 +94,16 @@ class CreditConfig:
             raise ValueError(f"unknown modulate {self.modulate!r}; valid: {list(MODULATE)}")
         if self.sign not in SIGN_RULES:
             raise ValueError(f"unknown sign {self.sign!r}; valid: {list(SIGN_RULES)}")
+        if self.progress_form not in PROGRESS_FORMS:
+            raise ValueError(f"unknown progress_form {self.progress_form!r}; valid: {list(PROGRESS_FORMS)}")
+        if not self.min_temperature > 0:
+            raise ValueError(f"min_temperature must be > 0, got {self.min_temperature}")
+        if self.clip_eta < 0:
+            raise ValueError(f"clip_eta must be >= 0, got {self.clip_eta}")
+        if self.entropy_bonus < 0 or not self.entropy_bonus_kappa > 1:
+            raise ValueError(f"need entropy_bonus >= 0 and entropy_bonus_kappa > 1, got {self.entropy_bonus}, "
+                             f"{self.entropy_bonus_kappa}")
+
 
 
 def _train_on_all(truncated: Tensor) -> Tensor:
@@ -176,6 +204,26 @@ def _values(scores: list[list[float]], text_steps: list[int], outcome: Tensor) -
     return values
 
 
+def answer_steps(texts: Sequence[str], problems: Sequence[Problem], delimiter: str) -> list[int]:
+    """Per response, the number of steps up to and including the one that fixes its final answer:
+    the smallest ``k`` such that every prefix ``steps 1..j`` with ``j >= k`` already reads (by the
+    task's verifier, :func:`hca.verify.extract_answer`) the answer the whole response reads. Steps
+    after it (a restated answer, chatter after a box) cannot change the outcome. ``K`` when the
+    response has no answer (a truncated one) or no steps; ``0`` steps gives ``0``."""
+    from hca.verify import extract_answer
+
+    out = []
+    for text, problem in zip(texts, problems, strict=True):
+        spans = split_steps(text, delimiter)
+        k = len(spans)
+        final = extract_answer(text, problem.task) if k else None
+        if final is not None:
+            while k > 1 and extract_answer(prefix_text(text, spans, k - 1), problem.task) == final:
+                k -= 1
+        out.append(k)
+    return out
+
+
 def build_rl_batch(rollout: RolloutBatch, problems: Sequence[Problem], correct: Sequence[bool], tokenizer,
                    credit: CreditConfig, delimiter: str, scorer=None, truncation: str = "zero_reward") -> RLBatch:
     """The training batch of one RL step (see the module docstring for every rule).
@@ -217,9 +265,19 @@ def build_rl_batch(rollout: RolloutBatch, problems: Sequence[Problem], correct: 
         rows = [problems[i] for i in rollout.prompt_index.tolist()]
         scores = scorer.score([p.prompt for p in rows], texts, delimiter, rows)
         values = _values(scores, text_steps, outcome)
-        progress = step_progress(values, num_steps, outcome)
+        credited = num_steps  # [N]: steps that carry progress (the answer guard stops at the answer's step)
+        if credit.answer_guard:
+            fixed = answer_steps(texts, rows, delimiter)
+            credited = torch.where(torch.tensor(text_steps) > 0, torch.tensor(fixed, dtype=torch.long), num_steps)
+        progress = step_progress(values, credited, outcome)
+        if credit.answer_guard:
+            progress = cap_truncated(progress, truncated)
+        if credit.progress_form == "min":
+            progress = min_form_progress(progress, credited, credit.min_temperature)
+        elif credit.progress_form == "clip":
+            progress = clip_progress(progress, credited, credit.clip_eta)
         if credit.whiten_progress:
-            progress = whiten_progress(progress, torch.where(included, num_steps, 0), center=credit.whiten_center)
+            progress = whiten_progress(progress, torch.where(included, credited, 0), center=credit.whiten_center)
     scoring_seconds = time.perf_counter() - start
 
     if rollout.entropy is None:
@@ -231,6 +289,8 @@ def build_rl_batch(rollout: RolloutBatch, problems: Sequence[Problem], correct: 
                if credit.sign == "inverse_on_negative" and credit.entropy_beta != 0 else None)
     adv, weights = token_advantages(outcome_adv, progress if progress is not None else torch.zeros(n, 1), step_index,
                                     weights, credit.progress_coef, credit.modulate, inverse)
+    if credit.entropy_bonus:
+        adv, _ = entropy_bonus(adv, entropy, step_index >= 0, credit.entropy_bonus, credit.entropy_bonus_kappa)
     adv = torch.where(included.unsqueeze(-1), adv, torch.zeros_like(adv))
     input_ids, attention_mask, start_col = rollout.model_inputs()
     return RLBatch(

@@ -16,7 +16,8 @@ the rows that are trained on (``loss_mask``) unless said otherwise. Keys (withou
   their outcome advantage is 0;
 * ``weight_max``       -- largest entropy weight (1 when beta = 0);
 * with progress (alpha != 0): ``progress_mean`` / ``progress_std`` / ``progress_abs_mean`` over the
-  valid steps of included responses, ``value_h0`` (mean f(h_0)).
+  valid steps of included responses, ``value_h0`` (mean f(h_0)), ``progress_total`` (the mean over
+  included responses of their summed step credit: what a farmed PRM lets a response collect).
 """
 from __future__ import annotations
 
@@ -70,5 +71,7 @@ def batch_metrics(batch: RLBatch, entropy_steps: int = 4) -> dict[str, float]:
         valid = (slots < b.num_steps.unsqueeze(-1)) & b.included.unsqueeze(-1)
         out |= _masked_stats(b.progress, valid, "progress")
         out["value_h0"] = b.values[:, 0].nanmean()
+        totals = torch.where(valid, b.progress, 0.0).sum(-1)
+        out["progress_total"] = torch.where(b.included, totals, 0.0).sum() / b.included.sum().clamp_min(1)
     keys = list(out)
     return dict(zip(keys, torch.stack([out[k].float().cpu() for k in keys]).tolist()))

@@ -182,3 +182,59 @@ def test_select_and_metrics():
                 "progress_mean", "progress_std", "progress_abs_mean", "value_h0"):
         assert math.isfinite(stats[key]), key
     assert "entropy_step_2" not in stats
+
+
+GUARD_VALUES = {"": 0.5, "1+1=2": 0.6, "1+1=2\n2+3=5": 0.9, "1+1=3": 0.3, "1+1=3\n3+3=6": 0.7}
+
+
+def guarded_batch(**credit):
+    """G = 2 on "5": A = "1+1=2\\n2+3=5\\n5+0=5" (right; the answer is fixed at step 2, step 3 restates it),
+    B = "1+1=3\\n3+3=6\\n0-=0" cut at the budget (truncated, R = 0)."""
+    probs = problems("5")
+    texts = ["1+1=2\n2+3=5\n5+0=5", "1+1=3\n3+3=6\n0-=0"]
+    scorer = CallableScorer(lambda prompt, prefix: GUARD_VALUES[prefix.rstrip("\n")])
+    return build_rl_batch(rollout([probs[0].prompt], texts, finish=["eos", "length"]), probs, [True, False], TOK,
+                          CreditConfig(entropy_beta=0.0, **credit), "\n", scorer=scorer)
+
+
+def test_answer_guard_hand_computed():
+    from hca.rl_batch import answer_steps
+
+    assert answer_steps(["1+1=2\n2+3=5\n5+0=5", "1+1=3\n3+3=6\n0-=0", "", "7"], problems("5", "5", "5", "5"),
+                        "\n") == [2, 3, 0, 1]
+    off = guarded_batch()
+    # values A: 0.5, 0.6, 0.9, R = 1 -> P = 0.1, 0.3, 0.1;  B: 0.5, 0.3, 0.7, R = 0 -> P = -0.2, 0.4, -0.7
+    torch.testing.assert_close(off.progress, torch.tensor([[0.1, 0.3, 0.1], [-0.2, 0.4, -0.7]]))
+    on = guarded_batch(answer_guard=True)
+    # A grounded at step 2: 1 - 0.6 = 0.4, step 3 gets 0 (still sums to R - V(h_0) = 0.5);
+    # B truncated: no positive step, 0.4 -> 0
+    torch.testing.assert_close(on.progress, torch.tensor([[0.1, 0.4, 0.0], [-0.2, 0.0, -0.7]]))
+    a = on.outcome_adv  # [+0.7071, -0.7071]: the restating step keeps its outcome credit, only progress is 0
+    steps = on.step_index
+    torch.testing.assert_close(on.advantages[0][steps[0] == 2], a[0].expand(int((steps[0] == 2).sum())))
+    torch.testing.assert_close(on.advantages[1][steps[1] == 1], a[1].expand(int((steps[1] == 1).sum())))
+
+
+def test_progress_forms_through_the_batch():
+    from hca.credit import clip_progress, min_form_progress
+
+    base = guarded_batch(answer_guard=True).progress
+    k = torch.tensor([2, 3])  # steps that carry progress under the guard
+    torch.testing.assert_close(guarded_batch(answer_guard=True, progress_form="min", min_temperature=0.05).progress,
+                               min_form_progress(base, k, 0.05))
+    clipped = guarded_batch(answer_guard=True, progress_form="clip").progress
+    torch.testing.assert_close(clipped, clip_progress(base, k))
+    torch.testing.assert_close(clipped, torch.tensor([[0.0, 0.4, 0.0], [-0.2, 0.0, -0.7]]))  # by hand
+    # off: the guards' settings at their defaults are today's credit exactly
+    assert torch.equal(guarded_batch(progress_form="step").advantages, guarded_batch().advantages)
+
+
+def test_entropy_bonus_through_the_batch():
+    plain = guarded_batch(progress_coef=0.0)
+    bonus = guarded_batch(progress_coef=0.0, entropy_bonus=0.4, entropy_bonus_kappa=2.0)
+    expect = plain.advantages + torch.minimum(0.4 * plain.entropy, plain.advantages.abs() / 2)
+    torch.testing.assert_close(bonus.advantages, torch.where(plain.response_mask, expect, 0.0))
+    with pytest.raises(ValueError, match="entropy_bonus"):
+        CreditConfig(entropy_bonus=-1.0)
+    with pytest.raises(ValueError, match="progress_form"):
+        CreditConfig(progress_form="sum")
