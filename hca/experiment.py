@@ -37,8 +37,43 @@ variant (``hca``: the entropy weights modulate the whole advantage; ``hca_progre
 progress term, ``credit.modulate: progress``; ``hca_inverse``: ``credit.sign:
 inverse_on_negative``), and ``hca_current`` (Monte Carlo step values from the current policy).
 Any ``configs/rl/arithmetic_<method>.yaml`` runs, e.g. ``entropy_only`` or ``rloo``."""
+_CREDIT = "model.init_args.credit."
+_MC = "model.init_args.scorer.init_args."
+VARIANTS: dict[str, tuple[str, dict]] = {
+    # progress at PAV's scale (alpha 3-5), and on PAV's 0/1 outcome scale (Dr. GRPO: R - mean, no std division)
+    "progress_a3": ("progress_only", {_CREDIT + "progress_coef": 3.0}),
+    "progress_a5": ("progress_only", {_CREDIT + "progress_coef": 5.0}),
+    "progress_dr": ("progress_only", {_CREDIT + "estimator": "dr_grpo"}),
+    "progress_dr_a3": ("progress_only", {_CREDIT + "progress_coef": 3.0, _CREDIT + "estimator": "dr_grpo"}),
+    # guards against a farmed PRM (CreditConfig: answer_guard, progress_form)
+    "progress_guard": ("progress_only", {_CREDIT + "answer_guard": True}),
+    "progress_min": ("progress_only", {_CREDIT + "answer_guard": True, _CREDIT + "progress_form": "min"}),
+    "progress_clip": ("progress_only", {_CREDIT + "answer_guard": True, _CREDIT + "progress_form": "clip"}),
+    # the additive, capped entropy term (arXiv 2506.14758's c = 0.4, kappa = 2) under GRPO and under progress
+    "grpo_bonus": ("grpo", {_CREDIT + "entropy_bonus": 0.4}),
+    "progress_bonus": ("progress_only", {_CREDIT + "entropy_bonus": 0.4}),
+    # the oracle bound: Monte Carlo progress of the careful prover online, M = 16 per prefix, no token weights
+    "oracle": ("hca_mc", {_CREDIT + "entropy_beta": 0.0, _MC + "num_rollouts": 16, _MC + "num_rollouts_h0": 16}),
+}
+"""Named variants of the configs: ``name -> (configs/rl/arithmetic_<base>.yaml, dotted overrides)``, so
+an ablation is one line here rather than a copied YAML (docs/experiment.md)."""
 USES_PROGRESS = {"hca", "progress_only", "hca_progress", "hca_inverse"}  # the PRM's collection is their cost too
 # (hca_mc and hca_current pay their prover rollouts in val/tokens, step by step)
+
+
+def method_config(method: str) -> tuple[str, dict]:
+    """``(config path, overrides)`` of a method: a variant of :data:`VARIANTS`, or a config's name."""
+    base, extra = VARIANTS.get(method, (method, {}))
+    path = f"configs/rl/arithmetic_{base}.yaml"
+    if not Path(path).exists():
+        raise ValueError(f"unknown method {method!r}: no {path} and no such variant (hca.experiment.VARIANTS: "
+                         f"{sorted(VARIANTS)})")
+    return path, dict(extra)
+
+
+def uses_prm(method: str) -> bool:
+    """Whether a method's credit comes from the learned PRM (its collection is then part of its cost)."""
+    return VARIANTS.get(method, (method, {}))[0] in USES_PROGRESS
 
 
 def run_dir(out: str, method: str, seed: int) -> str:
@@ -63,15 +98,16 @@ def experiment_stages(out: str = "runs/experiment", methods: list[str] | tuple[s
     """One RL run per (seed, method), in the task ``regime`` (:mod:`hca.regimes`), seeds outermost
     (a partial experiment has every method on its first seeds)."""
     stages = []
+    configs = {m: method_config(m) for m in methods}  # an unknown method fails here, before any run
     for seed in seeds:
         for m in methods:
             d = run_dir(out, m, seed)
-            values = run_overrides(seed, overrides)
+            path, extra = configs[m]
+            values = run_overrides(seed, {**extra, **(overrides or {})})
             stages.append(Stage(
                 name=f"{m}-seed{seed}", title=f"{m}, seed {seed}", outputs=[finished_marker(d)], group="rl",
-                run=lambda m=m, d=d, values=values: fit_from_config(
-                    derived_config(f"configs/rl/arithmetic_{m}.yaml", d, values, regime), f"{d}/model",
-                    f"{d}/checkpoints")))
+                run=lambda path=path, d=d, values=values: fit_from_config(
+                    derived_config(path, d, values, regime), f"{d}/model", f"{d}/checkpoints")))
     return stages
 
 
@@ -112,13 +148,12 @@ def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collectio
     base = cost_by_seed(base_runs)
     base_final = {s: c[-1]["pass@1"] for s, c in base_runs.items()}
     budget = statistics.fmean(c[-1]["samples"] for c in base_runs.values()) if base_runs else math.nan
-    prm_runs = sum(1 for m, by in curves.items() if m in USES_PROGRESS for c in by.values() if c)
+    prm_runs = sum(1 for m, by in curves.items() if uses_prm(m) for c in by.values() if c)
     rows = []
     for m, by_seed in curves.items():
         runs = {s: c for s, c in by_seed.items() if c}
         hits = [first_reaching(c, target) for c in runs.values()]
-        uses_prm = m in USES_PROGRESS
-        full, amortised = (collection_tokens, collection_tokens / max(prm_runs, 1)) if uses_prm else (0, 0)
+        full, amortised = (collection_tokens, collection_tokens / max(prm_runs, 1)) if uses_prm(m) else (0, 0)
         reached = [h for h in hits if h is not None]
         finals = [c[-1]["pass@1"] for c in runs.values()]
         costs = cost_by_seed(runs)
@@ -299,7 +334,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regime", default="default", choices=sorted(REGIMES), help="task regime (hca.regimes)")
     ap.add_argument("--out", default=None, help="where the runs and the results go (default: <regime root>/experiment)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), help="configs/rl/arithmetic_<method>.yaml")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help="configs/rl/arithmetic_<method>.yaml or a variant of hca.experiment.VARIANTS")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="RL seeds")
     ap.add_argument("--target", type=float, default=None,
                     help="held-out pass@1 to reach (default: GRPO's mean final pass@1; without GRPO, start + 0.10)")
