@@ -16,6 +16,10 @@ were tried first: the SFT policy started at 0.008 and neither GRPO nor the progr
 it in 100 RL steps (docs/experiment.md), so that regime could not tell the methods apart.
 Budgets grow with the chains: responses up to 128 tokens, PRM sequences of 256 (the SFT configs'
 own length). The collection labels 1,024 problems instead of 2,048 (each holds more steps).
+
+``middle`` sits between them (4-6 operations, 96-token budgets, 1,536 problems collected, 80 RL
+steps per experiment run): a start where GRPO learns slowly rather than not at all, so that dense
+credit has outcome signal to agree with but also groups without it to fill.
 """
 from __future__ import annotations
 
@@ -33,27 +37,39 @@ class Regime:
     experiment_rl_steps: int = 60  # RL steps per run of hca.experiment (25 runs per regime must fit on 2 cores)
 
 
+def _longer_chains(min_steps: int, max_steps: int, tokens: int, problems: int) -> dict[str, Any]:
+    """The overrides of a regime with chains of ``min_steps``-``max_steps`` operations, a ``tokens``
+    response budget everywhere and a collection of ``problems`` problems (PRM sequences of 256)."""
+    return {
+        # the task (SFT configs write the problem files)
+        "data.init_args.arithmetic.difficulty.min_steps": min_steps,
+        "data.init_args.arithmetic.difficulty.max_steps": max_steps,
+        # response budgets: SFT validation, collection (policy and prover), RL sampling and validation, MC scorers
+        "model.init_args.sampling_eval.max_new_tokens": tokens,
+        "model.init_args.collection.policy.max_new_tokens": tokens,
+        "model.init_args.collection.prover.max_new_tokens": tokens,
+        "model.init_args.sampling.max_new_tokens": tokens,
+        "model.init_args.validation.max_new_tokens": tokens,
+        "model.init_args.scorer.init_args.sampling.max_new_tokens": tokens,
+        # collection size and PRM sequence length
+        "data.init_args.limit": problems,
+        "data.init_args.max_length": 256,
+    }
+
+
 _SPARSE_TOKENS = 128
+_MIDDLE_TOKENS = 96
 REGIMES: dict[str, Regime] = {
     "default": Regime("default", "runs", "3-5 operations per problem; SFT policy val pass@1 about 0.19"),
     "sparse": Regime(
         "sparse", "runs/sparse", "5-7 operations per problem; SFT policy val pass@1 about 0.02: sparse outcome reward",
-        overrides={
-            # the task (SFT configs write the problem files)
-            "data.init_args.arithmetic.difficulty.min_steps": 5,
-            "data.init_args.arithmetic.difficulty.max_steps": 7,
-            # response budgets: SFT validation, collection (policy and prover), RL sampling and validation, MC scorers
-            "model.init_args.sampling_eval.max_new_tokens": _SPARSE_TOKENS,
-            "model.init_args.collection.policy.max_new_tokens": _SPARSE_TOKENS,
-            "model.init_args.collection.prover.max_new_tokens": _SPARSE_TOKENS,
-            "model.init_args.sampling.max_new_tokens": _SPARSE_TOKENS,
-            "model.init_args.validation.max_new_tokens": _SPARSE_TOKENS,
-            "model.init_args.scorer.init_args.sampling.max_new_tokens": _SPARSE_TOKENS,
-            # collection size and PRM sequence length
-            "data.init_args.limit": 1024,
-            "data.init_args.max_length": 256,
-        },
+        overrides=_longer_chains(5, 7, _SPARSE_TOKENS, 1024),
         eval_max_new_tokens=_SPARSE_TOKENS, experiment_rl_steps=100),  # sparse credit learns slower
+    "middle": Regime(
+        "middle", "runs/middle",
+        "4-6 operations per problem; between the two: outcome signal scarce but present",
+        overrides=_longer_chains(4, 6, _MIDDLE_TOKENS, 1536),
+        eval_max_new_tokens=_MIDDLE_TOKENS, experiment_rl_steps=80),
 }
 
 

@@ -128,3 +128,30 @@ def test_summary_only_writes_tables_diagnostics_and_plot(tmp_path):
     assert "| grpo | 0.210 | 0.500 | 1.000 | n/a |" in md and "| hca | 0.210 | 0.500 | 1.000 | 0.100 |" in md
     assert json.loads((tmp_path / "results.json").read_text())["diagnostics"]["hca"]["progress_abs_mean"] == pytest.approx(0.1)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("variant", sorted(__import__("hca.experiment", fromlist=["VARIANTS"]).VARIANTS))
+def test_every_variant_instantiates_with_its_settings(variant, tmp_path, monkeypatch):
+    """A variant is its base config plus its overrides: every key exists where it is set, and the
+    RL module gets exactly those credit / scorer settings."""
+    from pathlib import Path
+
+    from hca.cli import main
+    from hca.experiment import VARIANTS, method_config, run_overrides, uses_prm
+    from hca.pipeline import derived_config
+
+    path, extra = method_config(variant)
+    assert path == f"configs/rl/arithmetic_{VARIANTS[variant][0]}.yaml" and extra == VARIANTS[variant][1]
+    cfg = str(Path(derived_config(path, str(tmp_path / "run"), run_overrides(0, extra))).resolve())
+    monkeypatch.chdir(tmp_path)
+    model = main(args=["--config", cfg], run=False).model
+    for key, value in extra.items():
+        *_, group, name = key.split(".")
+        holder = model.credit if group == "credit" else model.scorer.config if name.startswith("num_rollouts") else None
+        assert holder is not None and getattr(holder, name) == value, key
+    assert uses_prm(variant) == (VARIANTS[variant][0] in {"progress_only", "hca", "hca_progress", "hca_inverse"})
+
+
+def test_unknown_method_fails_before_any_run(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'progress_a7'"):
+        experiment_stages(out=str(tmp_path), methods=["grpo", "progress_a7"], seeds=[0])
