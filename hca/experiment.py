@@ -111,6 +111,13 @@ def experiment_stages(out: str = "runs/experiment", methods: list[str] | tuple[s
     return stages
 
 
+def final_pass(curve: list[dict], points: int = 1) -> float:
+    """A run's final pass@1: the mean of its last ``points`` validation points (1: the last one). With
+    2, a run's end is less a single noisy validation, so seeds below the mean can still reach it."""
+    tail = curve[-max(1, points):]
+    return statistics.fmean(p["pass@1"] for p in tail)
+
+
 def first_reaching(curve: list[dict], target: float) -> dict | None:
     """The first validation point with ``pass@1 >= target`` (None: never)."""
     return next((p for p in curve if p["pass@1"] >= target - 1e-12), None)
@@ -123,7 +130,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collection_tokens: int,
-              baseline: str = "grpo") -> list[dict]:
+              baseline: str = "grpo", final_points: int = 1) -> list[dict]:
     """One row per method: reached (count), RL samples and tokens to target (mean, std over the
     runs that reached it; tokens with the PRM's collection charged in full to each run, and
     amortised over the runs of this experiment that reuse the PRM), final and best pass@1 (mean,
@@ -133,7 +140,8 @@ def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collectio
     point, lo, hi), and of ``budget_ratio``: the samples to reach the baseline's own final pass@1 as
     a fraction of the baseline's budget (the issue's "GRPO's final pass@1 with <= 1/2 of its samples";
     the target redrawn in every resample), and ``final_vs_baseline``: final pass@1 minus the
-    baseline's, paired by seed (mean, lo, hi). NaN where the baseline is absent."""
+    baseline's, paired by seed (mean, lo, hi). NaN where the baseline is absent. "Final" is
+    :func:`final_pass` over the last ``final_points`` validation points."""
     from hca.bootstrap import bootstrap_ci, budget_ratio_ci, paired_ratio_ci
 
     def cost_by_seed(by_seed: dict[int, list[dict]]) -> dict[int, float]:
@@ -146,7 +154,7 @@ def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collectio
 
     base_runs = {s: c for s, c in curves.get(baseline, {}).items() if c}
     base = cost_by_seed(base_runs)
-    base_final = {s: c[-1]["pass@1"] for s, c in base_runs.items()}
+    base_final = {s: final_pass(c, final_points) for s, c in base_runs.items()}
     budget = statistics.fmean(c[-1]["samples"] for c in base_runs.values()) if base_runs else math.nan
     prm_runs = sum(1 for m, by in curves.items() if uses_prm(m) for c in by.values() if c)
     rows = []
@@ -155,7 +163,7 @@ def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collectio
         hits = [first_reaching(c, target) for c in runs.values()]
         full, amortised = (collection_tokens, collection_tokens / max(prm_runs, 1)) if uses_prm(m) else (0, 0)
         reached = [h for h in hits if h is not None]
-        finals = [c[-1]["pass@1"] for c in runs.values()]
+        finals = [final_pass(c, final_points) for c in runs.values()]
         costs = cost_by_seed(runs)
         pairs = {s: [(p["samples"], p["pass@1"]) for p in c] for s, c in runs.items()}
         rows.append({"method": m, "runs": len(finals), "reached": len(reached),
@@ -165,7 +173,8 @@ def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collectio
                      "tokens_to_target_amortised": _mean_std([h["tokens"] + amortised for h in reached]),
                      "collection_tokens_charged": [full, amortised],
                      "final_pass@1": _mean_std(finals), "final_pass@1_ci": bootstrap_ci(finals),
-                     "final_vs_baseline": _paired_diff(runs, base_final) if m != baseline else (math.nan,) * 3,
+                     "final_vs_baseline": (_paired_diff(runs, base_final, final_points) if m != baseline else
+                                           (math.nan,) * 3),
                      "samples_ratio": (paired_ratio_ci(costs, base) if m != baseline and base else
                                        (math.nan, math.nan, math.nan)),
                      "budget_ratio": (budget_ratio_ci(pairs, base_final, budget) if base_final else
@@ -175,11 +184,12 @@ def summarize(curves: dict[str, dict[int, list[dict]]], target: float, collectio
     return rows
 
 
-def _paired_diff(runs: dict[int, list[dict]], base_final: dict[int, float]) -> tuple[float, float, float]:
+def _paired_diff(runs: dict[int, list[dict]], base_final: dict[int, float], final_points: int = 1
+                 ) -> tuple[float, float, float]:
     """``(mean, lo, hi)`` of final pass@1 minus the baseline's, paired by seed (NaN: no shared seed)."""
     from hca.bootstrap import bootstrap_ci
 
-    diffs = [runs[s][-1]["pass@1"] - base_final[s] for s in sorted(set(runs) & set(base_final))]
+    diffs = [final_pass(runs[s], final_points) - base_final[s] for s in sorted(set(runs) & set(base_final))]
     return (statistics.fmean(diffs), *bootstrap_ci(diffs)) if diffs else (math.nan,) * 3
 
 
@@ -282,10 +292,10 @@ def collect_results(out: str, methods, seeds, rl_steps: int | None = None) -> di
     return {m: {s: curve(run_dir(out, m, s)) for s in seeds} for m in methods}
 
 
-def default_target(curves: dict[str, dict[int, list[dict]]], baseline: str = "grpo") -> float:
+def default_target(curves: dict[str, dict[int, list[dict]]], baseline: str = "grpo", final_points: int = 1) -> float:
     """The baseline's mean final pass@1 (what "reaching GRPO's final pass@1" means), or, without a
     baseline run, the mean start pass@1 + 0.10."""
-    finals = [c[-1]["pass@1"] for c in curves.get(baseline, {}).values() if c]
+    finals = [final_pass(c, final_points) for c in curves.get(baseline, {}).values() if c]
     if finals:
         return round(statistics.fmean(finals), 4)
     starts = [c[0]["pass@1"] for by in curves.values() for c in by.values() if c]
@@ -343,6 +353,8 @@ def main(argv=None) -> dict:
                     help="RL steps per run (default: the regime's experiment_rl_steps); longer runs are cut there")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                     help="extra overrides of every run's config, e.g. trainer.max_steps=120")
+    ap.add_argument("--final-points", type=int, default=2,
+                    help="a run's final pass@1 is the mean of its last this many validation points (1: the last)")
     ap.add_argument("--max-parallel", type=int, default=None, help="runs side by side (default: the CPUs available)")
     ap.add_argument("--summary-only", action="store_true", help="only summarize runs that exist")
     ap.add_argument("--results-dir", default=None, help="where results.{md,json} and curves.png go (default: --out)")
@@ -362,20 +374,21 @@ def main(argv=None) -> dict:
     from hca.report import collection_tokens
 
     curves = collect_results(out_dir, a.methods, a.seeds, rl_steps)
-    target = a.target if a.target is not None else default_target(curves)
+    target = a.target if a.target is not None else default_target(curves, final_points=a.final_points)
     try:
         ctok = collection_tokens(f"{reg.root}/collect/arithmetic")
     except (OSError, KeyError, ValueError):
         ctok = 0
-    rows = summarize(curves, target, ctok)
+    rows = summarize(curves, target, ctok, final_points=a.final_points)
     out = Path(a.results_dir or out_dir)
     out.mkdir(parents=True, exist_ok=True)
     diag = training_diagnostics(out_dir, a.methods, a.seeds, rl_steps)
-    md = f"Regime: {reg.name} ({reg.description}); {rl_steps} RL steps per run.\n\n" + markdown(rows, target) + "\n\n" + diagnostics_markdown(diag)
+    md = (f"Regime: {reg.name} ({reg.description}); {rl_steps} RL steps per run; final pass@1 = the mean of the last "
+          f"{a.final_points} validation points.\n\n" + markdown(rows, target)) + "\n\n" + diagnostics_markdown(diag)
     from hca.trajectories import write_bytes_atomic
 
     write_bytes_atomic(out / "results.md", md.encode())
-    write_bytes_atomic(out / "results.json", json.dumps({"regime": reg.name, "rl_steps": rl_steps, "target": target, "collection_tokens": ctok,
+    write_bytes_atomic(out / "results.json", json.dumps({"regime": reg.name, "rl_steps": rl_steps, "final_points": a.final_points, "target": target, "collection_tokens": ctok,
                                                   "rows": rows, "diagnostics": diag, "curves": {m: {str(s): c for s, c in by.items()}
                                                                            for m, by in curves.items()}}, indent=1).encode())
     plot(curves, target, out / "curves.png", rows)

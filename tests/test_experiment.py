@@ -118,7 +118,8 @@ def test_summary_only_writes_tables_diagnostics_and_plot(tmp_path):
         write("hca", s, [0.2, 0.3, 0.35])
     write("hca", 2, [0.2, 0.1])
     (tmp_path / "hca" / "seed2" / "model" / "config.json").unlink()  # still running: not counted
-    res = main(["--out", str(tmp_path), "--methods", "grpo", "hca", "--seeds", "0", "1", "2", "--summary-only"])
+    res = main(["--out", str(tmp_path), "--methods", "grpo", "hca", "--seeds", "0", "1", "2", "--summary-only",
+                "--final-points", "1"])
     assert res["target"] == pytest.approx(0.3)
     rows = {r["method"]: r for r in res["rows"]}
     assert rows["hca"]["runs"] == 2
@@ -155,3 +156,17 @@ def test_every_variant_instantiates_with_its_settings(variant, tmp_path, monkeyp
 def test_unknown_method_fails_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'progress_a7'"):
         experiment_stages(out=str(tmp_path), methods=["grpo", "progress_a7"], seeds=[0])
+
+
+def test_final_is_the_mean_of_the_last_points():
+    from hca.experiment import default_target, final_pass
+
+    c = curve([(0, .2), (100, .30), (200, .34)])
+    assert final_pass(c) == .34 and final_pass(c, 2) == pytest.approx(.32) and final_pass(c, 9) == pytest.approx(.28)
+    curves = {"grpo": {0: c, 1: curve([(0, .2), (100, .26), (200, .30)])},
+              "hca": {0: curve([(0, .2), (100, .36), (200, .32)]), 1: curve([(0, .2), (100, .30), (200, .30)])}}
+    assert default_target(curves, final_points=2) == pytest.approx((.32 + .28) / 2)
+    rows = {r["method"]: r for r in summarize(curves, 0.30, 0, final_points=2)}
+    assert rows["hca"]["final_pass@1"][0] == pytest.approx((.34 + .30) / 2)
+    # paired by seed: (0.34 - 0.32) and (0.30 - 0.28)
+    assert rows["hca"]["final_vs_baseline"][0] == pytest.approx(0.02)
