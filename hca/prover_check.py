@@ -1,6 +1,7 @@
 """Prover diagnostics before training: which prover's progress can help RL of this policy?
 
     python -m hca.prover_check                                    # the embedded task's candidates
+    python -m hca.prover_check --regime sparse                    # the same under runs/sparse
     python -m hca.prover_check --problems 128 --responses 8 --rollouts 16 \
         --candidate careful=runs/sft/prover/model --candidate bo4=policy@4 --candidate weak=runs/sft/policy_early/model
 
@@ -179,7 +180,9 @@ def run(policy: str, candidates: list[Candidate], problems_file: str, num_proble
         path = policy if c.path == POLICY else c.path
         if path not in cost:
             print(f"  rollouts of {path}", flush=True)
-            counts, stats = estimate(path, f"candidate/{path}")  # the policy's set 2: independent of set 1
+            # seeded by position, not path (a moved checkpoint gives the same figures); the policy's set 2
+            # is independent of set 1
+            counts, stats = estimate(path, "policy/set2" if path == policy else f"candidate/{len(cost)}")
             cost[path] = (counts, stats)
         counts, stats = cost[path]
         a_mu, noise = advantages(resp, counts, c.best_of_k)
@@ -228,14 +231,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--problems", type=int, default=128, help="problems (the file's first)")
     ap.add_argument("--responses", type=int, default=8, help="policy responses per problem")
     ap.add_argument("--rollouts", type=int, default=16, help="Monte Carlo completions per prefix, every candidate")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="budget of responses and completions")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="budget of responses and completions (default: the regime's, 64 on the default task)")
     ap.add_argument("--delimiter", default="\n")
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm", "auto"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/prover_check.json")
+    ap.add_argument("--out", default="runs/prover_check.json", help="the JSON of every figure (moved with --regime)")
+    ap.add_argument("--regime", default="default", help="the embedded task's regime (hca.regimes): moves every "
+                    "default runs/ path (policy, candidates, problems, output) under its root")
     a = ap.parse_args(argv)
     quiet_console()
-    specs = a.candidate or [s for s in DEFAULT_CANDIDATES
+    from hca.regimes import get_regime, move_root
+
+    reg = get_regime(a.regime)
+    budget = reg.eval_max_new_tokens if a.max_new_tokens is None else a.max_new_tokens
+    moved = {k: move_root(v, reg.root) if isinstance(v, str) and ap.get_default(k) == v else v
+             for k, v in vars(a).items()}
+    a = argparse.Namespace(**{**moved, "max_new_tokens": budget})
+    defaults = [move_root(s, reg.root) for s in DEFAULT_CANDIDATES]
+    specs = a.candidate or [s for s in defaults
                             if s.split("=", 1)[1].split("@")[0] == POLICY or Path(s.split("=", 1)[1]).exists()]
     if not Path(a.policy).exists():
         raise SystemExit(f"--policy {a.policy}: no such checkpoint (run the quickstart's SFT first)")

@@ -85,4 +85,4 @@ def test_end_to_end_on_tiny_models(tmp_path):
     self_row, bo4 = saved["rows"][1], saved["rows"][2]
     assert bo4["value_h0"] >= self_row["value_h0"]  # best-of-4 of the same rollouts solves at least as often
     assert bo4["prover_tokens"] == self_row["prover_tokens"]  # the transform costs no new rollouts
-    assert res["rows"] == saved["rows"]
+    assert json.dumps(res["rows"]) == json.dumps(saved["rows"])  # (NaN corr where a prover never varies)
