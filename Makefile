@@ -18,7 +18,7 @@ SMOLLM2_VERSION ?= 0.1.2
 SMOL ?= runs/models/smollm2-135m-instruct
 SMOL_ENGINE ?= vllm
 
-.PHONY: models recipe-smol quickstart experiment recipe-tiny test test-all setup sft clean-runs
+.PHONY: models recipe-smol quickstart prover-check experiment recipe-tiny test test-all setup sft clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) and installing hca (torch $(TORCH_VERSION) first)"
@@ -50,6 +50,10 @@ setup: $(VENV)/.installed
 REGIME ?= default
 quickstart: setup
 	$(PY) -m hca.pipeline --regime $(REGIME)
+
+# Which prover? PAV's distinguishability and alignment of candidate provers on the SFT policy's responses (docs/experiment.md).
+prover-check: setup
+	$(PY) -m hca.prover_check --regime $(REGIME)
 
 # GRPO against the hierarchical variants over 5 seeds, after `make quickstart` of the same REGIME (docs/experiment.md).
 experiment: setup

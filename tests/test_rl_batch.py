@@ -238,3 +238,27 @@ def test_entropy_bonus_through_the_batch():
         CreditConfig(entropy_bonus=-1.0)
     with pytest.raises(ValueError, match="progress_form"):
         CreditConfig(progress_form="sum")
+
+
+@pytest.mark.parametrize("guard", [dict(answer_guard=True), dict(progress_form="clip"),
+                                   dict(progress_form="min", min_temperature=0.05)])
+def test_guards_stop_a_scorer_that_pays_for_junk_lines(guard):
+    """The sparse regime's failure in miniature: a scorer whose value climbs 0.1 with every line, whatever
+    it says. Unguarded, a response that fills its budget with junk lines collects positive step credit
+    on its way to R = 0; each guard takes that away (the truncated response's steps earn nothing
+    positive) while a short right response keeps its positive credit."""
+    probs = problems("5")
+    junk = "1+1=2\n" + "0-=0\n" * 6 + "0-=0"  # cut at the budget: no verified answer
+    texts = [junk, "1+1=2\n2+3=5"]
+    scorer = CallableScorer(lambda prompt, prefix: min(0.2 + 0.1 * prefix.count("\n"), 0.95))
+
+    def batch(**credit):
+        return build_rl_batch(rollout([probs[0].prompt], texts, finish=["length", "eos"]), probs, [False, True], TOK,
+                              CreditConfig(entropy_beta=0.0, **credit), "\n", scorer=scorer)
+
+    plain, guarded = batch(), batch(**guard)
+    k = int(plain.num_steps[0])
+    assert (plain.progress[0, :k - 1] > 0).all()  # unguarded: every junk line is paid +0.1
+    assert (guarded.progress[0, :k] <= 1e-6).all()  # guarded: no step of the cut response is paid
+    assert batch_metrics(guarded)["progress_total"] < batch_metrics(plain)["progress_total"]
+    assert guarded.progress[1].sum() > 0  # the right response keeps positive credit
