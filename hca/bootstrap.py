@@ -48,14 +48,15 @@ def paired_ratio_ci(method: dict[int, float], baseline: dict[int, float], level:
     bootstrap interval that resamples seeds (pairs kept together: seed ``s`` of both runs saw the
     same problems from the same start). ``inf`` entries (never reached) propagate: a method that
     missed the target on some seed cannot have a finite upper end. NaNs when no seed is shared, or
-    when the baseline's mean is ``inf`` (the baseline never reached it: nothing to compare with)."""
+    when the baseline's mean is ``inf`` (the baseline never reached it: nothing to compare with) or 0
+    (it was at the target before any RL sample, as in a regime where the target is about the start)."""
     seeds = sorted(set(method) & set(baseline))
     if not seeds:
         return math.nan, math.nan, math.nan
 
     def ratio(ss: Sequence[int]) -> float:
         num, den = _mean([method[s] for s in ss]), _mean([baseline[s] for s in ss])
-        if math.isinf(den):
+        if math.isinf(den) or den == 0:
             return math.nan
         return math.inf if math.isinf(num) else num / den
 

@@ -65,3 +65,13 @@ def test_budget_ratio_by_hand():
     point, lo, hi = budget_ratio_ci(miss, finals, 200)
     assert math.isinf(point) and lo == 0.5 and math.isinf(hi)  # a seed that never reaches it: open above
     assert all(math.isnan(x) for x in budget_ratio_ci(fast, {}, 200))
+
+
+def test_paired_ratio_when_the_baseline_starts_at_the_target():
+    from hca.bootstrap import paired_ratio_ci
+
+    # sparse regime: GRPO's target is about its start, so a seed reaches it at 0 samples
+    point, lo, hi = paired_ratio_ci({0: 1280.0, 1: 0.0}, {0: 0.0, 1: 0.0})
+    assert math.isnan(point) and math.isnan(lo) and math.isnan(hi)
+    point, lo, hi = paired_ratio_ci({0: 1280.0, 1: 2560.0}, {0: 0.0, 1: 1280.0})
+    assert point == 3.0 and math.isnan(lo)  # 1920 / 640; some resamples draw only seed 0: no interval
