@@ -208,7 +208,7 @@ def markdown(res: dict) -> str:
             f"{res['distinct_prefixes']} distinct prefixes.\n\n")
     return head + md_table(
         ["prover", "V(h_0)", "distinguishability E Var[A^mu]", "of which noise (bound)", "alignment E[A^mu A^pi]",
-         "corr(A^mu, A^pi)", "alignment, steps before the last", "mean |A^mu|", "prover tokens (k)"],
+         "corr(A^mu, A^pi)", "alignment, steps before the last", "mean abs(A^mu)", "prover tokens (k)"],
         [[r["candidate"], f(r["value_h0"], ".3f"), f(r["distinguishability"]), f(r["noise"]), f(r["alignment"]),
           f(r["corr"], ".3f"), f(r["alignment_inner"]), f(r["mean_abs_progress"], ".3f"),
           f(r["prover_tokens"] / 1e3, ".0f")]
