@@ -64,7 +64,7 @@ class CreditConfig:
     weights cost 0.030 [0.015, 0.044] of final pass@1 against GRPO under the ``same`` sign rule;
     ``inverse_on_negative`` brought that to 0.004 [-0.004, 0.013], so it is the rule a beta > 0
     gets by default. The guards and the additive entropy term are off by default: on the default
-    and middle tasks the min-form guard gave back progress' gain (+0.012 / +0.017 over GRPO for
+    and middle tasks the min-form guard gave back progress' gain (+0.012 / +0.010 over GRPO for
     progress only, about 0 with the guard) where no run was farmed, and the additive term added
     nothing on top of progress (docs/experiment.md, "The anchors' way")."""
 
