@@ -44,6 +44,11 @@ from hca.seeds import derive_seed
 from hca.verify import verify_responses
 
 
+def best_of_k_value(v: float, k: int) -> float:
+    """The best-of-K transform of a prover value: ``1 - (1 - v)^K`` (METHOD.md section 3); ``v`` for K = 1."""
+    return v if k == 1 else 1.0 - (1.0 - v) ** k
+
+
 @dataclass(frozen=True)
 class CollectionConfig:
     """What to sample and how to label it."""
@@ -85,8 +90,7 @@ class CollectionConfig:
 
     def transform(self, correct: int, total: int) -> float:
         """The prover value from MC counts: ``1 - (1 - c/t)^best_of_k`` (``c/t`` when ``best_of_k = 1``)."""
-        v = correct / total
-        return v if self.best_of_k == 1 else 1.0 - (1.0 - v) ** self.best_of_k
+        return best_of_k_value(correct / total, self.best_of_k)
 
     def to_dict(self) -> dict:
         """Plain JSON types (stop strings as lists), as the manifest stores them."""

@@ -497,6 +497,6 @@ def policy_loss(
 
 __all__ = [
     "token_entropy", "outcome_advantages", "step_progress", "whiten_progress", "cap_truncated", "min_form_progress",
-    "clip_progress", "entropy_weights", "token_advantages", "entropy_bonus", "aggregate", "policy_loss", "kl_k3", "OUTCOME_ESTIMATORS", "AGGREGATIONS",
-    "LOG_RATIO_CLAMP", "DEFAULT_CHUNK_ELEMENTS",
+    "clip_progress", "entropy_weights", "token_advantages", "entropy_bonus", "aggregate", "policy_loss", "kl_k3",
+    "OUTCOME_ESTIMATORS", "AGGREGATIONS", "LOG_RATIO_CLAMP", "DEFAULT_CHUNK_ELEMENTS",
 ]

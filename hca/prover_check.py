@@ -74,8 +74,10 @@ class Candidate:
 
 
 def transform(c: int, t: int, k: int) -> float:
-    v = c / t
-    return v if k == 1 else 1.0 - (1.0 - v) ** k
+    """The candidate's value from Monte Carlo counts ``(c, t)`` under best-of-``k``."""
+    from hca.collect import best_of_k_value
+
+    return best_of_k_value(c / t, k)
 
 
 def noise_var(c: int, t: int, k: int) -> float:
@@ -173,7 +175,7 @@ def run(policy: str, candidates: list[Candidate], problems_file: str, num_proble
         counts = estimate_prefix_values(keys, problems, engine_of(path), cfg, derive_seed(seed, 0, stream), stats, True)
         return counts, stats
 
-    own, own_stats = estimate(policy, "policy/A_pi")  # A^pi: the policy's own rollouts, set 1
+    own, _ = estimate(policy, "policy/A_pi")  # A^pi: the policy's own rollouts, set 1
     a_pi, _ = advantages(resp, own, 1)
     rows, cost = [], {}
     for c in candidates:

@@ -108,7 +108,6 @@ class CreditConfig:
                              f"{self.entropy_bonus_kappa}")
 
 
-
 def _train_on_all(truncated: Tensor) -> Tensor:
     return torch.ones_like(truncated)
 
@@ -212,7 +211,7 @@ def answer_steps(texts: Sequence[str], problems: Sequence[Problem], delimiter: s
     the smallest ``k`` such that every prefix ``steps 1..j`` with ``j >= k`` already reads (by the
     task's verifier, :func:`hca.verify.extract_answer`) the answer the whole response reads. Steps
     after it (a restated answer, chatter after a box) cannot change the outcome. ``K`` when the
-    response has no answer (a truncated one) or no steps; ``0`` steps gives ``0``."""
+    verifier finds no answer in the response; ``0`` for a response without steps."""
     from hca.verify import extract_answer
 
     out = []
