@@ -15,6 +15,11 @@ Lightning-free; :class:`hca.modules.policy.HCAPolicyModule` owns backward, clipp
   (incremental decode with a KV cache); teacher forcing the same weights agrees with them to float
   rounding in fp32, but not in bf16, where the first update would already see ratios != 1. Setting
   it recomputes ``old_logp`` with one no-grad forward pass per mini-batch before the first update.
+* ``fuse_logprob_pass``: samples of an engine with its own weights (vLLM) need the trainer's
+  log-probs as ``old_logp``. When a step makes one update (``updates_per_step(N) == 1``) and the
+  credit needs no entropies, the update's forward gives them (``ppo_loss(on_policy=True)``, ratio 1,
+  as TRL does at ``num_iterations = 1``) instead of a separate teacher-forced pass before it: one
+  forward less per RL step. The module decides when it applies (docs/rl.md "Speed at a real shape").
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class PPOConfig:
     recompute_old_logp: bool = False  # recompute behaviour log-probs by teacher forcing before updating
     logprob_chunk_size: int | None = DEFAULT_CHUNK_TOKENS  # scored tokens per LM-head chunk (hca.logprobs); None: full logits
     tis_cap: float | None = None  # engine samples (vLLM): weight tokens by min(pi_old / pi_engine, cap); None: off
+    fuse_logprob_pass: bool = True  # engine samples (vLLM), one update per step, no entropy credit: old_logp from the update's own forward
 
     def __post_init__(self):
         for name in ("group_size", "ppo_epochs"):
@@ -74,14 +80,27 @@ class PPOConfig:
                 for rows in torch.randperm(num_responses, generator=generator).split(size)]
 
 
-def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len: int | None = None
-             ) -> tuple[Tensor, dict[str, Tensor]]:
+def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len: int | None = None,
+             on_policy: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one mini-batch (with a graph) and detached metrics: those of ``policy_loss``,
-    ``pg_loss``, ``loss`` and, with reference log-probs, ``kl``."""
-    logp, _ = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_start, temperature,
-                                chunk_size=cfg.logprob_chunk_size)
-    loss, metrics = policy_loss(logp, batch.old_logp, batch.advantages, batch.loss_mask, cfg.clip_low,
+    ``pg_loss``, ``loss`` and, with reference log-probs, ``kl``.
+
+    ``on_policy``: the ratio is taken against this forward's own detached log-probs (ratio 1, the
+    gradient of the log-probs: what a separate teacher-forced pass of the same weights would give as
+    ``old_logp``, without that pass; only right for the one update of a step). ``batch.old_logp``
+    then holds the sampling engine's log-probs, which give ``rollout_logp_gap`` / ``_max``; the
+    metrics add ``entropy`` (mean over the response tokens, no gradient)."""
+    logp, ent = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_start, temperature,
+                                  chunk_size=cfg.logprob_chunk_size, with_entropy=on_policy)
+    old = logp.detach() if on_policy else batch.old_logp
+    loss, metrics = policy_loss(logp, old, batch.advantages, batch.loss_mask, cfg.clip_low,
                                 cfg.clip_high, cfg.agg, max_len, token_weight=batch.is_weight)
+    if on_policy:
+        mask = batch.response_mask
+        gap = (logp.detach() - batch.old_logp).abs()[mask]
+        metrics["rollout_logp_gap"] = gap.mean() if gap.numel() else logp.new_zeros(())
+        metrics["rollout_logp_gap_max"] = gap.max() if gap.numel() else logp.new_zeros(())
+        metrics["entropy"] = ent[mask].mean() if gap.numel() else logp.new_zeros(())
     metrics["pg_loss"] = loss.detach()
     if batch.ref_logp is not None:
         kl = aggregate(kl_k3(logp, batch.ref_logp, batch.loss_mask), batch.loss_mask, cfg.agg, max_len)

@@ -94,6 +94,38 @@ def test_rl_with_vllm_syncs_weights_and_takes_logprobs_from_the_trainer(folder, 
     assert (lp0 - b.logprobs).abs().max() > 1e-3
 
 
+def test_fused_logprob_pass_trains_exactly_as_the_separate_pass(folder, tmp_path):
+    """One update per step and beta 0: old_logp from the update's own forward (no teacher-forced pass
+    before it) gives the same weights, rewards and entropies as the separate pass, and still logs
+    vLLM's log-prob gap; with beta > 0 (the credit reads entropies) the separate pass runs."""
+    from hca.ppo import PPOConfig
+    from hca.rl_batch import CreditConfig
+    from hca.scoring import CallableScorer
+
+    kw = dict(scorer=CallableScorer(lambda prompt, prefix: (len(prefix) % 7) / 7), credit=CreditConfig("grpo", 1.0, 0.0))
+    fused, rec_f, start = _fit(folder, tmp_path / "f", 3, ppo=PPOConfig(group_size=4), **kw)
+    separate, rec_s, _ = _fit(folder, tmp_path / "s", 3, ppo=PPOConfig(group_size=4, fuse_logprob_pass=False), **kw)
+    assert fused.fuses_logprob_pass(8) and not separate.fuses_logprob_pass(8)
+    for a, b in zip(rec_f.logs, rec_s.logs):
+        assert a["train/reward"] == b["train/reward"] and a["train/response_length"] == b["train/response_length"]
+        assert a["train/rollout_logp_gap"] < 1e-4 and b["train/rollout_logp_gap"] < 1e-4
+        assert abs(a["train/entropy"] - b["train/entropy"]) < 1e-4 and a["train/entropy"] > 0
+        assert abs(a["train/pg_loss"] - b["train/pg_loss"]) < 1e-5 and a["train/clip_frac"] == 0
+        assert a["train/time_recompute"] < b["train/time_recompute"]
+    changed = [k for k in start if not torch.equal(start[k], fused.model.state_dict()[k])]
+    assert changed
+    for k, v in separate.model.state_dict().items():
+        torch.testing.assert_close(fused.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    # the credit reads entropies (beta > 0, an entropy bonus), two updates per step, TIS: the separate pass
+    for credit, ppo in ((CreditConfig("grpo", 1.0, 1.0), PPOConfig(group_size=4)),
+                        (CreditConfig("grpo", 1.0, 0.0, entropy_bonus=0.4), PPOConfig(group_size=4)),
+                        (kw["credit"], PPOConfig(group_size=4, mini_batch_size=4)),
+                        (kw["credit"], PPOConfig(group_size=4, ppo_epochs=2)),
+                        (kw["credit"], PPOConfig(group_size=4, tis_cap=2.0))):
+        fused.credit, fused.ppo = credit, ppo
+        assert not fused.fuses_logprob_pass(8)
+
+
 def test_rl_with_vllm_resumes_exactly(folder, tmp_path):
     """3 RL steps straight == 2 steps, checkpoint, resume for 1 more: the resumed fit first syncs
     the checkpoint's weights into vLLM (not the folder's), so it samples what the straight run did."""

@@ -152,6 +152,8 @@ class HCAPolicyModule(L.LightningModule):
         self._frozen: dict[str, torch.nn.Module] = {}  # the reference: out of the state dict and the optimizer
         self._engine = None
         self._engine_synced = False  # the engine holds the module's current weights (always, for the HF engine)
+        self._on_policy = False  # this step's update forward gives old_logp (fuses_logprob_pass)
+        self._sync_seconds = self._recompute_seconds = 0.0
         self.rl_step = 0  # RL steps completed (saved in checkpoints)
         self.samples_seen = 0  # responses sampled for training so far
         self.tokens_generated = 0  # response tokens sampled for training so far (scorer rollouts not included)
@@ -310,6 +312,8 @@ class HCAPolicyModule(L.LightningModule):
         batch = self.build_batch(problems, rollout)
         t2 = time.perf_counter()
         stats = batch_metrics(batch) | self._engine_stats
+        if self._on_policy:  # the entropies come with the update's forward (its `entropy` metric), not before it
+            stats = {k: v for k, v in stats.items() if not k.startswith("entropy")}
         if not engine.samples_live_weights:
             engine.sleep()  # GPU: the engine's memory goes to the update (a no-op on CPU)
         stats |= self.update(batch.to(self.device))
@@ -319,7 +323,9 @@ class HCAPolicyModule(L.LightningModule):
         self.samples_seen += len(batch)
         self.tokens_generated += int(batch.response_mask.sum())
         stats |= {"time_sync": self._sync_seconds, "time_generation": t1 - t_sync, "time_scoring": batch.scoring_seconds,
-                  "time_credit": t2 - t1 - batch.scoring_seconds, "time_update": t3 - t2, "time_step": t3 - t0,
+                  "time_recompute": self._recompute_seconds,
+                  "time_credit": t2 - t1 - batch.scoring_seconds - self._recompute_seconds, "time_update": t3 - t2,
+                  "time_step": t3 - t0,
                   "samples": float(self.samples_seen), "tokens": float(self.tokens_generated + self.scorer_tokens),
                   "response_tokens": float(self.tokens_generated), "scorer_tokens": float(self.scorer_tokens),
                   "rl_step": float(self.rl_step),
@@ -333,11 +339,18 @@ class HCAPolicyModule(L.LightningModule):
 
         Samples of an engine that keeps its own weights (vLLM) get ``old_logp`` and entropies from
         the trainer's teacher-forced pass (the policy the update's ratio is taken against); the
-        engine's log-probs give ``rollout_logp_gap`` and, with ``ppo.tis_cap``, truncated importance weights."""
+        engine's log-probs give ``rollout_logp_gap`` and, with ``ppo.tis_cap``, truncated importance weights.
+        When :meth:`fuses_logprob_pass`, that pass is the update's own forward instead."""
         chunk, temp = self.ppo.mini_batch_size or len(rollout), self.sampling.temperature
-        self._engine_stats, behaviour = {}, None
+        self._engine_stats, behaviour, t0 = {}, None, time.perf_counter()
+        self._on_policy = False
         if rollout.entropy is None or not (self._engine is None or self._engine.samples_live_weights):
             behaviour = rollout.logprobs.float()
+        if behaviour is not None and self.fuses_logprob_pass(len(rollout)):
+            # the update's forward gives old_logp, the gap and the entropy metric (ppo_loss(on_policy=True));
+            # until then old_logp holds the engine's log-probs and the entropies (unused by this credit) zeros
+            rollout, self._on_policy = rollout.with_entropy(torch.zeros_like(behaviour)), True
+        elif behaviour is not None:
             ids, attn, start = (t if isinstance(t, int) else t.to(self.device) for t in rollout.model_inputs())
             logp, ent = teacher_forced(self.model, ids, attn, start, rollout.response_mask.to(self.device), chunk, temp,
                                        self.ppo.logprob_chunk_size, with_entropy=True)
@@ -346,6 +359,7 @@ class HCAPolicyModule(L.LightningModule):
             gap = (rollout.logprobs - behaviour).abs()[mask]
             self._engine_stats = {"rollout_logp_gap": float(gap.mean()) if gap.numel() else 0.0,
                                   "rollout_logp_gap_max": float(gap.max()) if gap.numel() else 0.0}
+        self._recompute_seconds = time.perf_counter() - t0
         correct = verify_responses(rollout.texts, [problems[i] for i in rollout.prompt_index.tolist()])
         before = getattr(self.scorer, "tokens_generated", 0)
         batch = build_rl_batch(rollout, problems, correct, self.tokenizer, self.credit, self.hparams.delimiter,
@@ -358,12 +372,23 @@ class HCAPolicyModule(L.LightningModule):
         needs_forward = (self.ppo.recompute_old_logp and behaviour is None) or "reference" in self._frozen
         on_device = batch.to(self.device) if needs_forward else batch
         if self.ppo.recompute_old_logp and behaviour is None:
+            t0 = time.perf_counter()
             batch = dataclasses.replace(batch, old_logp=frozen_logprobs(self.model, on_device, chunk, temp,
                                                                         self.ppo.logprob_chunk_size).cpu())
+            self._recompute_seconds += time.perf_counter() - t0
         if "reference" in self._frozen:
             ref = frozen_logprobs(self._frozen["reference"], on_device, chunk, temp, self.ppo.logprob_chunk_size)
             batch = dataclasses.replace(batch, ref_logp=ref.cpu())
         return batch
+
+    def fuses_logprob_pass(self, num_responses: int) -> bool:
+        """Whether engine samples (vLLM) of a step of ``num_responses`` take ``old_logp`` from the
+        update's own forward (``ppo.fuse_logprob_pass``; :mod:`hca.ppo`): only when the step makes one
+        update, the credit reads no entropies (beta 0, no entropy bonus) and nothing else needs the
+        trainer's log-probs before the update (``tis_cap``, ``recompute_old_logp``)."""
+        c, p = self.credit, self.ppo
+        return (p.fuse_logprob_pass and p.updates_per_step(num_responses) == 1 and c.entropy_beta == 0
+                and not c.entropy_bonus and p.tis_cap is None and not p.recompute_old_logp)
 
     def update(self, batch: RLBatch) -> dict[str, float]:
         """``ppo_epochs`` passes of mini-batch updates; returns the mean metrics of the finite updates."""
@@ -373,10 +398,14 @@ class HCAPolicyModule(L.LightningModule):
         engine = deepspeed_engine(self._trainer)
         sums: dict[str, torch.Tensor] = {}
         done = 0
+        clock = {"time_forward": 0.0, "time_backward": 0.0, "time_optimizer": 0.0}  # wall s (CPU; async on CUDA)
         for j, rows in enumerate(self.ppo.minibatches(len(batch), gen)):
+            t0 = time.perf_counter()
             loss, metrics = ppo_loss(self.model, batch.select(rows.to(batch.device)), self.ppo,
-                                     self.sampling.temperature, self.sampling.max_new_tokens)
+                                     self.sampling.temperature, self.sampling.max_new_tokens, on_policy=self._on_policy)
+            t1 = time.perf_counter()
             self.manual_backward(loss)
+            t2 = time.perf_counter()
             if engine is None:
                 grads = [p.grad for p in params if p.grad is not None]
                 metrics["grad_norm"] = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
@@ -401,7 +430,11 @@ class HCAPolicyModule(L.LightningModule):
             opt.zero_grad(set_to_none=True)
             if sched is not None:
                 sched.step()
-        out = {k: float(v) / max(done, 1) for k, v in sums.items()}
+            t3 = time.perf_counter()
+            clock["time_forward"] += t1 - t0
+            clock["time_backward"] += t2 - t1
+            clock["time_optimizer"] += t3 - t2
+        out = {k: float(v) / max(done, 1) for k, v in sums.items()} | clock
         out["lr"] = float(opt.param_groups[0]["lr"])
         out["updates"] = float(done)
         return out
