@@ -2,8 +2,9 @@
 
 The comparison a user cares about: the same model folder (``--model``, e.g. SmolLM2-135M-Instruct from
 ``make models``), the same GSM8K prompts, group size and budget (default 8 problems x 8 samples, 256 new
-tokens, temperature 1, fp32 on CPU, one optimizer update per RL step, lr 1e-6, grad clip 1, no reference
-model). Contenders:
+tokens, temperature 1, fp32 on CPU, one optimizer update per RL step over ``--micro-batch`` responses per
+forward/backward with gradient accumulation in both (8: a whole step's backward at once needs more than this
+machine's 24 GiB), lr 1e-6, grad clip 1, no reference model). Contenders:
 
 * ``hca-hf-grpo`` / ``hca-vllm-grpo``: :class:`hca.modules.policy.HCAPolicyModule` with outcome credit only
   (alpha = beta = 0), sampling with the HF engine or vLLM (weights synced into vLLM every step);
@@ -11,7 +12,9 @@ model). Contenders:
   default 0 as in ``configs/rl/gsm8k_hca.yaml``) scored by a **learned PRM** (``--prm``, default
   ``runs/smol/prm/model`` from ``make recipe-smol``; without it a PRM with a random head on ``--model``'s
   backbone, which costs the same);
-* ``trl``: ``benchmarks/trl_grpo_model.py`` in TRL's own venv (``--trl-python``), HF generate.
+* ``trl``: ``benchmarks/trl_grpo_model.py`` in TRL's own venv (``--trl-python``), HF generate;
+* ``hca-vllm-hca-separate`` (on request): ``hca-vllm-hca`` with ``ppo.fuse_logprob_pass: false``, i.e. the
+  teacher-forced log-prob pass before the update that the fused path saves.
 
 Every contender runs the module's (or TRL's) real training loop in its own process (so the peak RSS is its
 own: the largest RSS of the process and its children, sampled every 0.2 s); they alternate over ``--rounds``
@@ -46,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 CONTENDERS = ("hca-hf-grpo", "hca-hf-hca", "hca-vllm-grpo", "hca-vllm-hca", "trl")
+EXTRA = ("hca-vllm-hca-separate",)  # vLLM + HCA with the teacher-forced pass before the update (fuse_logprob_pass false)
 PHASES = ("time_sync", "time_generation", "time_scoring", "time_recompute", "time_credit", "time_forward",
           "time_backward", "time_optimizer", "time_step")
 
@@ -94,7 +98,8 @@ def hca_worker(args) -> dict:
     quiet_console()
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, engine, variant = args.worker.split("-")
+    _, engine, variant, *rest = args.worker.split("-")
+    separate = args.separate_logprob_pass or rest == ["separate"]
     hca = variant == "hca"
     scorer = None
     if hca:
@@ -106,8 +111,9 @@ def hca_worker(args) -> dict:
         policy=args.model, scorer=scorer, dtype="float32",
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0),
         credit=CreditConfig("grpo", progress_coef=1.0 if hca else 0.0, entropy_beta=args.entropy_beta if hca else 0.0),
-        ppo=PPOConfig(group_size=args.samples, ppo_epochs=1, mini_batch_size=n, max_grad_norm=1.0,
-                      clip_high=0.28, recompute_old_logp=args.recompute_old_logp),
+        ppo=PPOConfig(group_size=args.samples, ppo_epochs=1, mini_batch_size=n, micro_batch_size=args.micro_batch,
+                      max_grad_norm=1.0, clip_high=0.28, recompute_old_logp=args.recompute_old_logp,
+                      fuse_logprob_pass=not separate),
         sampling={"max_new_tokens": args.max_new_tokens, "temperature": 1.0},
         engine=EngineConfig(engine=engine, max_batch_size=n, kv_cache_gb=args.kv_cache_gb),
         validation=None, seed=0)
@@ -188,9 +194,14 @@ def parse(argv=None):
     ap.add_argument("--steps", type=int, default=2, help="timed RL steps per contender and round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed RL steps first")
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS + EXTRA,
+                    help=f"default: all but {', '.join(EXTRA)}")
     ap.add_argument("--entropy-beta", type=float, default=0.0, help="beta of the HCA variants (recipe: 0)")
+    ap.add_argument("--micro-batch", type=int, default=8, help="responses per forward/backward (hca: "
+                    "ppo.micro_batch_size; TRL: per_device_train_batch_size with gradient accumulation)")
     ap.add_argument("--recompute-old-logp", action="store_true", help="hca: ppo.recompute_old_logp (off: fp32)")
+    ap.add_argument("--separate-logprob-pass", action="store_true",
+                    help="hca with vLLM: ppo.fuse_logprob_pass false (the teacher-forced pass before the update)")
     ap.add_argument("--kv-cache-gb", type=float, default=2.0, help="vLLM KV cache (64 x 456 tokens need ~1.3 GiB)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every contender (default: torch's)")
     ap.add_argument("--trl-python", default="/tmp/trlvenv/bin/python", help="python of a venv with trl")
@@ -259,8 +270,8 @@ def main(argv=None):
         print(f"shape: {args.problems} problems x {args.samples} samples per RL step, <= {args.max_new_tokens} new "
               f"tokens, fp32, 1 update per step; model {args.model}; PRM {args.prm} ({prm_note}); "
               f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} timed steps", flush=True)
-        common = ["--problems", str(args.problems), "--samples", str(args.samples), "--max-new-tokens",
-                  str(args.max_new_tokens), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        common = ["--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens), "--steps",
+                  str(args.steps), "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch)]
         if args.threads:
             common += ["--threads", str(args.threads)]
         for r in range(args.rounds):
@@ -268,15 +279,17 @@ def main(argv=None):
                 result = tmp / f"{c}-{r}.json"
                 if c == "trl":
                     cmd = [args.trl_python, str(ROOT / "benchmarks" / "trl_grpo_model.py"), "--model", model,
-                           "--problems-file", str(problems), "--out", str(result), *common]
+                           "--problems-file", str(problems), "--problems-per-step", str(args.problems),
+                           "--out", str(result), *common]
                 else:
                     work = tmp / f"{c}-{r}"
                     work.mkdir()
                     cmd = [sys.executable, __file__, "--worker", c, "--model", model, "--prm", str(args.prm),
                            "--problems-file", str(problems), "--work", str(work), "--result", str(result),
-                           "--entropy-beta", str(args.entropy_beta), "--kv-cache-gb", str(args.kv_cache_gb), *common]
-                    if args.recompute_old_logp:
-                        cmd.append("--recompute-old-logp")
+                           "--problems", str(args.problems), "--entropy-beta", str(args.entropy_beta),
+                           "--kv-cache-gb", str(args.kv_cache_gb), *common]
+                    cmd += ["--recompute-old-logp"] * args.recompute_old_logp
+                    cmd += ["--separate-logprob-pass"] * args.separate_logprob_pass
                 log = tmp / f"{c}-{r}.log"
                 rc, wall, peak = run_contender(cmd, log)
                 if rc != 0:

@@ -11,8 +11,9 @@ generate, no vLLM; fp32; no reporting) to a real model and real prompts:
   frameworks sample after the same texts (TRL tokenizes them with ``add_special_tokens=False``);
 * reward: 1 when the last number of the completion equals the number after ``####`` (cheap; the
   reward's cost is noise next to the model's at this shape);
-* ``--problems-per-step`` x ``--samples`` completions per optimizer step, ``--max-new-tokens``, temperature 1,
-  top-p 1, learning rate 1e-6, grad clip 1.0 (TRL's default).
+* ``--problems-per-step`` x ``--samples`` completions per optimizer step, generated at once
+  (``generation_batch_size``), trained ``--micro-batch`` at a time with gradient accumulation,
+  ``--max-new-tokens``, temperature 1, top-p 1, learning rate 1e-6, grad clip 1.0 (TRL's default).
 
 Writes ``--out`` (JSON): per optimizer step the wall time, completions and completion tokens; the
 first ``--warmup`` steps are untimed. Last line printed: ``samples_per_s=<x> tokens_per_s=<y>``.
@@ -72,6 +73,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    ap.add_argument("--micro-batch", type=int, default=8, help="per_device_train_batch_size; gradient "
+                    "accumulation makes one optimizer step of a whole generation batch")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -87,7 +90,10 @@ def main():
     batch = args.problems_per_step * args.samples
     steps = args.steps + args.warmup
     out_dir = tempfile.mkdtemp(prefix="trl_grpo_model_")
-    cfg = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+    if batch % args.micro_batch:
+        raise SystemExit(f"--micro-batch {args.micro_batch} must divide {batch} completions per step")
+    cfg = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=args.micro_batch,
+                     gradient_accumulation_steps=batch // args.micro_batch, generation_batch_size=batch,
                      num_generations=args.samples, max_completion_length=args.max_new_tokens, max_steps=steps,
                      learning_rate=1e-6, beta=0.0, num_iterations=1, temperature=1.0, top_p=1.0, bf16=False,
                      fp16=False, use_cpu=True, use_vllm=False, report_to="none", save_strategy="no", logging_steps=1,

@@ -98,12 +98,28 @@ def fit_from_config(config: str, export_dir: str, ckpt_dir: str, overrides: list
     main(args=args)
 
 
-def predict_from_config(config: str) -> None:
-    """``python train.py predict --config CONFIG`` in this process (collection resumes by itself:
-    finished shards are skipped)."""
-    from hca.cli import main
+def predict_from_config(config: str, ranks: int = 1) -> None:
+    """``python train.py predict --config CONFIG`` (collection resumes by itself: finished shards are
+    skipped): in this process, or with ``ranks > 1`` as that many DDP ranks of one torch thread each
+    in a subprocess (``--trainer.devices ranks --trainer.strategy ddp``; chunk ``i`` goes to rank
+    ``i % ranks`` and its records do not depend on the rank count, tests/test_collect_cli.py), which
+    on CPU puts every core to work on the tiny models' one-thread collection."""
+    script = Path(__file__).resolve().parents[1] / "train.py"
+    if ranks <= 1 or not script.exists():  # an installed package without the repository's train.py: one rank
+        from hca.cli import main
 
-    main(args=["predict", "--config", config])
+        main(args=["predict", "--config", config])
+        return
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(script), "predict", "--config", config, "--trainer.devices", str(ranks),
+           "--trainer.strategy", "ddp"]
+    print(f"{ranks} ranks: {' '.join(cmd[1:])}", flush=True)
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise RuntimeError(f"collection with {ranks} ranks exited with {rc} ({config}); rerun to resume")
 
 
 def evaluate_checkpoints(models: dict[str, str], problems_file: str, out_json: str, n: int = 8,
@@ -184,17 +200,21 @@ def quickstart_stages(regime: str = "default") -> list[Stage]:
     stages.append(Stage(
         name="collect", title=f"Prover-labeled trajectories (configs/collect/arithmetic.yaml{_regime_tag(reg)})",
         outputs=[f"{collect_dir}/manifest.json"],
-        run=lambda: predict_from_config(config("configs/collect/arithmetic.yaml", collect_dir))))
+        run=lambda: predict_from_config(config("configs/collect/arithmetic.yaml", collect_dir), ranks=_pool_size())))
     stages.append(Stage(
         name="prm", title=f"Progress PRM (configs/prm/arithmetic.yaml{_regime_tag(reg)})",
-        outputs=[f"{prm_dir}/model/prm_config.json"],
+        outputs=[f"{prm_dir}/model/prm_config.json"], group="prm",
         run=lambda: fit_from_config(config("configs/prm/arithmetic.yaml", prm_dir), f"{prm_dir}/model",
                                     f"{prm_dir}/checkpoints")))
-    rl = {m: (f"configs/rl/arithmetic_{m}.yaml", f"{qs}/rl/{m}") for m in QUICKSTART_METHODS}
+    # RL methods that need no PRM (GRPO) train side by side with the PRM; the others after it
+    from hca.experiment import uses_prm
+
+    rl = {m: (f"configs/rl/arithmetic_{m}.yaml", f"{qs}/rl/{m}")
+          for m in sorted(QUICKSTART_METHODS, key=uses_prm)}
     for m, (cfg, out) in rl.items():
         stages.append(Stage(
             name=f"rl-{m}", title=f"RL with {m.upper()} from the SFT policy ({cfg}{_regime_tag(reg)})",
-            outputs=[f"{out}/model/config.json"], group="rl",
+            outputs=[f"{out}/model/config.json"], group="rl" if uses_prm(m) else "prm",
             run=lambda cfg=cfg, out=out: fit_from_config(config(cfg, out, QUICKSTART_RL), f"{out}/model",
                                                          f"{out}/checkpoints")))
     models = {"sft": f"{root}/sft/policy/model", **{m: f"{out}/model" for m, (_, out) in rl.items()}}

@@ -6,6 +6,9 @@ Lightning-free; :class:`hca.modules.policy.HCAPolicyModule` owns backward, clipp
   ``mini_batch_size`` responses (``None``: all ``N``, one update per epoch); every mini-batch is one
   optimizer update, so a step makes ``updates_per_step(N) = ppo_epochs * ceil(N / mini_batch_size)``.
   The shuffle comes from a generator the caller seeds (the module: from ``(seed, rl_step)``).
+  ``micro_batch_size`` responses go through each forward/backward; their gradients accumulate,
+  weighted by :func:`micro_batch_weights`, into the mini-batch's gradient (memory, not math: TRL's
+  gradient accumulation, verl's ``ppo_micro_batch_size``).
 * :func:`ppo_loss` recomputes the current log-probs by teacher forcing
   (:func:`hca.logprobs.sequence_logprobs`, same temperature as sampling; the LM head applied
   ``logprob_chunk_size`` scored tokens at a time, so no ``[N, T, V]`` fp32 logits) and returns the clipped
@@ -41,6 +44,7 @@ class PPOConfig:
     group_size: int = 8  # G: responses sampled per problem
     ppo_epochs: int = 1  # passes over each step's responses
     mini_batch_size: int | None = None  # responses per optimizer update; None: all of the step's responses
+    micro_batch_size: int | None = None  # responses per forward/backward; gradients accumulate over a mini-batch's; None: all at once
     clip_low: float = 0.2  # eps_low: ratio clipped below at 1 - clip_low
     clip_high: float = 0.2  # eps_high: ratio clipped above at 1 + clip_high (DAPO's clip-higher: 0.28)
     agg: str = "token_mean"  # loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
@@ -56,8 +60,10 @@ class PPOConfig:
         for name in ("group_size", "ppo_epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if self.mini_batch_size is not None and self.mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be None or >= 1, got {self.mini_batch_size}")
+        for name in ("mini_batch_size", "micro_batch_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
         if self.agg not in AGGREGATIONS:
             raise ValueError(f"unknown agg {self.agg!r}; valid: {sorted(AGGREGATIONS)}")
         if self.truncation not in TRUNCATION:
@@ -78,6 +84,35 @@ class PPOConfig:
         size = self.mini_batch_size or num_responses
         return [rows for _ in range(self.ppo_epochs)
                 for rows in torch.randperm(num_responses, generator=generator).split(size)]
+
+
+def micro_batches(num_rows: int, cfg: PPOConfig) -> list[Tensor]:
+    """Row indices of the forward/backward passes of one mini-batch of ``num_rows`` responses, in order."""
+    return list(torch.arange(num_rows).split(cfg.micro_batch_size or max(num_rows, 1)))
+
+
+def micro_batch_weights(response_mask: Tensor, loss_mask: Tensor, parts: list[Tensor], agg: str,
+                        max_len: int | None = None) -> list[float]:
+    """Weights ``w_j`` such that ``sum_j w_j * aggregate(part j) == aggregate(mini-batch)`` for the
+    aggregation ``agg`` (gradient accumulation over micro-batches gives the mini-batch's gradient).
+
+    ``response_mask, loss_mask [n, T]`` of the mini-batch; ``parts``: its row indices per micro-batch.
+    token_mean: the part's share of the loss tokens; seq_mean_token_mean: its share of the rows that
+    have loss tokens; seq_mean_token_sum_norm: ``n_j L_j / (n L)`` with ``L = max_len``, else each
+    batch's longest response (:meth:`RLBatch.select` cuts a part's columns to its own longest)."""
+    m = loss_mask.bool()
+    if agg == "token_mean":
+        total = max(int(m.sum()), 1)
+        return [int(m[p].sum()) / total for p in parts]
+    if agg == "seq_mean_token_mean":
+        has = m.any(-1)
+        total = max(int(has.sum()), 1)
+        return [int(has[p].sum()) / total for p in parts]
+    if agg != "seq_mean_token_sum_norm":
+        raise ValueError(f"unknown agg {agg!r}; valid: {sorted(AGGREGATIONS)}")
+    longest = lambda rows: max(1, int(response_mask[rows].sum(-1).max())) if len(rows) else 1  # noqa: E731
+    full = len(m) * (max_len or longest(torch.arange(len(m))))
+    return [len(p) * (max_len or longest(p)) / max(full, 1) for p in parts]
 
 
 def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len: int | None = None,

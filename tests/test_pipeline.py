@@ -82,4 +82,6 @@ def test_quickstart_stage_order():
     names = [s.name for s in stages]
     assert names == ["sft-policy", "sft-prover", "collect", "prm", "rl-grpo", "rl-progress_only", "eval", "report"]
     assert all(s.outputs for s in stages)
-    assert [s.group for s in stages[:2]] == ["sft", "sft"] and [s.group for s in stages[4:6]] == ["rl", "rl"]
+    assert [s.group for s in stages[:2]] == ["sft", "sft"]
+    # GRPO needs no PRM: it trains side by side with the PRM, the PRM's method after both
+    assert [s.group for s in stages[3:6]] == ["prm", "prm", "rl"]

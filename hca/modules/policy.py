@@ -45,7 +45,7 @@ from hca.modules.hparams import store_plain_hparams
 from hca.lora import LoraSettings, add_lora, merged_copy
 from hca.models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, save_checkpoint
 from hca.credit import truncated_is_weights
-from hca.ppo import PPOConfig, frozen_logprobs, ppo_loss, teacher_forced
+from hca.ppo import PPOConfig, frozen_logprobs, micro_batch_weights, micro_batches, ppo_loss, teacher_forced
 from hca.problems import Problem
 from hca.prompts import PromptFormat, context_length, render_problems, rendered_prompts
 from hca.rl_batch import CreditConfig, RLBatch, build_rl_batch
@@ -400,11 +400,7 @@ class HCAPolicyModule(L.LightningModule):
         done = 0
         clock = {"time_forward": 0.0, "time_backward": 0.0, "time_optimizer": 0.0}  # wall s (CPU; async on CUDA)
         for j, rows in enumerate(self.ppo.minibatches(len(batch), gen)):
-            t0 = time.perf_counter()
-            loss, metrics = ppo_loss(self.model, batch.select(rows.to(batch.device)), self.ppo,
-                                     self.sampling.temperature, self.sampling.max_new_tokens, on_policy=self._on_policy)
-            t1 = time.perf_counter()
-            self.manual_backward(loss)
+            loss, metrics = self._forward_backward(batch.select(rows.to(batch.device)), clock, engine is not None)
             t2 = time.perf_counter()
             if engine is None:
                 grads = [p.grad for p in params if p.grad is not None]
@@ -430,14 +426,40 @@ class HCAPolicyModule(L.LightningModule):
             opt.zero_grad(set_to_none=True)
             if sched is not None:
                 sched.step()
-            t3 = time.perf_counter()
-            clock["time_forward"] += t1 - t0
-            clock["time_backward"] += t2 - t1
-            clock["time_optimizer"] += t3 - t2
+            clock["time_optimizer"] += time.perf_counter() - t2
         out = {k: float(v) / max(done, 1) for k, v in sums.items()} | clock
         out["lr"] = float(opt.param_groups[0]["lr"])
         out["updates"] = float(done)
         return out
+
+    def _forward_backward(self, minibatch: RLBatch, clock: dict[str, float], deepspeed: bool
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and metrics of one mini-batch, its gradient accumulated over ``ppo.micro_batch_size``
+        micro-batches weighted by :func:`hca.ppo.micro_batch_weights` (the metrics: their weighted
+        means, maxima for ``*_max``); one pass when it is null or covers the mini-batch."""
+        parts = micro_batches(len(minibatch), self.ppo)
+        if len(parts) > 1 and deepspeed:
+            raise ValueError("ppo.micro_batch_size: gradient accumulation under DeepSpeed is the engine's own "
+                             "(its config's gradient_accumulation_steps); leave micro_batch_size null there")
+        weights = [1.0] if len(parts) == 1 else micro_batch_weights(
+            minibatch.response_mask, minibatch.loss_mask, parts, self.ppo.agg, self.sampling.max_new_tokens)
+        total, out = None, {}
+        for part, w in zip(parts, weights):
+            t0 = time.perf_counter()
+            mb = minibatch if len(parts) == 1 else minibatch.select(part.to(minibatch.device))
+            loss, metrics = ppo_loss(self.model, mb, self.ppo, self.sampling.temperature,
+                                     self.sampling.max_new_tokens, on_policy=self._on_policy)
+            t1 = time.perf_counter()
+            self.manual_backward(loss if len(parts) == 1 else loss * w)
+            clock["time_forward"] += t1 - t0
+            clock["time_backward"] += time.perf_counter() - t1
+            if len(parts) == 1:
+                return loss, metrics
+            total = loss.detach() * w if total is None else total + loss.detach() * w
+            for k, v in metrics.items():
+                v = v.detach()
+                out[k] = (torch.maximum(out[k], v) if k in out else v) if k.endswith("_max") else out.get(k, 0.0) + v * w
+        return total, out
 
     # ------------------------------------------------------------------ validation, export, state
     def _evaluate(self, problems: list[Problem], index: int) -> dict[str, float]:
