@@ -8,8 +8,11 @@ when present, delete it to rebuild), loaded by both engines from the same folder
   project's CPU default shape;
 * ``large``: hidden 256, 4 layers, 4 heads of 64, 2 KV heads, intermediate 1024, vocab 4096 (5.0M
   parameters; head_dim 64 and 2 KV heads like Qwen2.5-0.5B): about as big as its section can go
-  on 2 CPU cores (about 100 s, mostly the HF engine). Both are far below ``auto_min_params``
-  (50M): ``engine: auto`` picks HF for them.
+  on 2 CPU cores (about 100 s, mostly the HF engine);
+* ``s0.5m``, ``s1m``, ``s2m`` (0.52M, 1.25M, 2.75M parameters; hidden 128 / 128 / 192, 2 / 4 / 4 layers, heads of 64,
+  1 KV head, vocab 1024 / 2048 / 3072; the large workloads): between the two, for the HF / vLLM
+  crossover that ``engine: auto``'s ``auto_min_params`` is set from (``--shapes tiny,s0.5m,s1m,s2m,large``
+  prints it, interpolated in log parameters, for sampling and for the Monte Carlo call).
 
 Prompts: GSM8K test questions rendered as every stage renders them (``hca.prompts.PromptFormat()``:
 the tokenizer's ChatML chat template, the question and the default step-by-step instruction in the
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -65,14 +69,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 # sampling workload per shape: (prompts, samples per prompt, max new tokens); --prompts etc. override
-SAMPLING = {"tiny": (64, 8, 64), "large": (32, 8, 48)}
-SAMPLING_QUICK = {"tiny": (32, 8, 32), "large": (16, 8, 32)}
+SAMPLING = {"tiny": (64, 8, 64), "large": (32, 8, 48), "s0.5m": (32, 8, 48), "s1m": (32, 8, 48), "s2m": (32, 8, 48)}
+SAMPLING_QUICK = {"tiny": (32, 8, 32), "large": (16, 8, 32), "s0.5m": (16, 8, 32), "s1m": (16, 8, 32),
+                  "s2m": (16, 8, 32)}
 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, vocab=512),  # tiny_qwen2 defaults
+    # between tiny and large, for the HF / vLLM crossover (engine: auto's auto_min_params); head_dim 64, 1 KV head
+    "s0.5m": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  intermediate_size=384, vocab=1024),
+    "s1m": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=512, vocab=2048),
+    "s2m": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1,
+                intermediate_size=768, vocab=3072),
     "large": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=1024, vocab=4096),
 }
+
+
+def crossover(results: dict[str, dict], key: str) -> float | None:
+    """Parameters where ``key`` (vLLM over HF) crosses 1, interpolated in log(params) between the two
+    measured shapes around the first crossing (by size); None when it never crosses."""
+    pts = sorted((r["params"], r[key]) for r in results.values())
+    for (p0, r0), (p1, r1) in zip(pts, pts[1:]):
+        if r0 < 1 <= r1:
+            f = (math.log(1) - math.log(r0)) / (math.log(r1) - math.log(r0))
+            return math.exp(math.log(p0) + f * (math.log(p1) - math.log(p0)))
+    return None
 
 
 def set_threads(n: int) -> None:
@@ -88,7 +111,7 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="smaller workloads, 2 rounds (about a minute)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads, both engines")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median and best reported)")
-    p.add_argument("--shapes", default="tiny,large", help="comma-separated subset of tiny,large")
+    p.add_argument("--shapes", default="tiny,large", help=f"comma-separated subset of {','.join(SHAPES)}")
     p.add_argument("--prompts", type=int, default=None, help="sampling: prompts (default: tiny 64, large 32)")
     p.add_argument("--samples", type=int, default=None, help="sampling: samples per prompt (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -246,6 +269,7 @@ def run_shape(shape: str, args, rows: list) -> dict:
         rows.append((shape, "sampling", name, v["tokens"], v["median"], v["best"]))
     out["hf_tok_s"] = res["hf"]["tokens"] / res["hf"]["median"]
     out["vllm_tok_s"] = res["vllm"]["tokens"] / res["vllm"]["median"]
+    out["sampling_vllm_over_hf"] = out["vllm_tok_s"] / out["hf_tok_s"]
 
     # 2. Monte Carlo completions from shared prefixes
     cut, K = args.mc_cut_every, args.mc_prefixes
@@ -271,6 +295,7 @@ def run_shape(shape: str, args, rows: list) -> dict:
         rows.append((shape, "mc_prefixes", name, v["tokens"], v["median"], v["best"]))
     out["mc_prefix_speedup"] = res["vllm_cache_off"]["median"] / res["vllm_cache_on"]["median"]
     out["mc_hf_over_vllm"] = res["hf"]["median"] / res["vllm_cache_on"]["median"]
+    out["mc_vllm_over_hf"] = out["mc_hf_over_vllm"]  # throughput ratio (same completions): time HF / time vLLM
 
     # 3. weight sync (the same weights: vLLM must then sample exactly as before)
     probe = SamplingParams(max_new_tokens=16, n=2, seed=99)
@@ -318,6 +343,13 @@ def main(argv=None):
         print(f"{shape}: vllm/hf sampling {r['vllm_tok_s'] / r['hf_tok_s']:.2f}x, MC prefix-cache speedup "
               f"{r['mc_prefix_speedup']:.2f}x, MC hf/vllm(cache on) time {r['mc_hf_over_vllm']:.2f}x, "
               f"sync {r['sync_ms']:.1f} ms")
+    if len(results) > 1:
+        for key, what in (("sampling_vllm_over_hf", "sampling"), ("mc_vllm_over_hf", "Monte Carlo prefixes")):
+            at = crossover(results, key)
+            by_size = ", ".join(f"{r['params'] / 1e6:.2f}M {r[key]:.2f}x" for r in sorted(results.values(),
+                                                                                          key=lambda r: r["params"]))
+            print(f"crossover ({what}, vLLM over HF: {by_size}): "
+                  + (f"vLLM faster from about {at / 1e6:.2f}M parameters" if at else "no crossing in these shapes"))
     print(f"total {time.perf_counter() - t_start:.0f} s")
     r = results.get("large") or next(iter(results.values()))
     print(f"hf_tok_s={r['hf_tok_s']:.0f} vllm_tok_s={r['vllm_tok_s']:.0f} "

@@ -97,7 +97,7 @@ def lean_parts(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
 
 def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response_start: int | Tensor,
                       temperature: float = 1.0, *, chunk_size: int | None = DEFAULT_CHUNK_TOKENS,
-                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                      with_entropy: bool = False, group: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Teacher-forced per-token log-probs of the response tokens.
 
     ``input_ids`` / ``attention_mask`` ``[N, L]`` (padding anywhere, typically left for prompts and
@@ -108,6 +108,13 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response
     temperature)``; it is 0 where that column is past ``L`` or the token is padding
     (``attention_mask`` 0). ``chunk_size``: scored tokens per LM-head chunk of the lean path;
     None: the plain full-logits path (see the module docstring).
+
+    ``group [N]`` (optional; an int ``response_start``): rows of one group share their prompt (the
+    ``G`` responses of a problem). The lean path then runs the decoder over each distinct prompt
+    once and over the responses with that prompt's KV cache (:func:`_lean_shared`): the same numbers
+    for ``(G - 1) / G`` fewer prompt-token FLOPs. Checked, not trusted: rows whose prompt columns
+    differ within a group, a model with gradient checkpointing on, or no fewer prompts than rows
+    take the plain lean path.
     """
     N, L = input_ids.shape
     starts = torch.as_tensor(response_start, device=input_ids.device).long().expand(N)
@@ -122,7 +129,52 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response
     parts = lean_parts(model) if chunk_size is not None else None
     if parts is None:
         return _plain(model, input_ids, attention_mask, pos, valid, s0, temperature, with_entropy)
+    shared = _shared_prompts(model, input_ids, attention_mask, response_start, group)
+    if shared is not None:
+        hidden = _shared_hidden(parts[0], input_ids, attention_mask, s0, *shared)
+        return _head(parts[1], hidden, input_ids, pos, valid, temperature, chunk_size, with_entropy)
     return _lean(*parts, input_ids, attention_mask, pos, valid, temperature, chunk_size, with_entropy)
+
+
+def _shared_prompts(model, input_ids, attention_mask, response_start, group) -> tuple[Tensor, Tensor] | None:
+    """``(first row of each distinct prompt [U], row -> its prompt [N])`` when sharing applies, else None."""
+    if group is None or not isinstance(response_start, int) or getattr(_unwrap(model), "is_gradient_checkpointing", False):
+        return None
+    group = group.to(input_ids.device)
+    _, inverse = torch.unique(group, return_inverse=True)  # [N] in [0, U)
+    U = int(inverse.max()) + 1 if len(inverse) else 0
+    if not 0 < U < len(inverse):
+        return None
+    first = torch.full((U,), len(inverse), device=inverse.device).scatter_reduce(
+        0, inverse, torch.arange(len(inverse), device=inverse.device), "amin")  # [U]
+    P = response_start
+    same = (input_ids[:, :P] == input_ids[first][inverse][:, :P]) & (attention_mask[:, :P] == attention_mask[first][inverse][:, :P])
+    return (first, inverse) if bool(same.all()) else None
+
+
+def _shared_hidden(decoder, input_ids, attention_mask, P, first, inverse) -> Tensor:
+    """``[N, L, H]`` hidden states as one decoder pass over every row would give them at the columns
+    from ``P - 1`` on (the last prompt token and the response; earlier columns are zeros, never read):
+    the ``U`` distinct prompts run once with a KV cache, which is then indexed to the ``N`` rows
+    (autograd flows back through the index into the prompts' pass) for the response columns."""
+    from transformers import DynamicCache
+
+    N, L = input_ids.shape
+    pmask = attention_mask[first, :P]  # [U, P]
+    live = pmask.any(0).nonzero()
+    c0 = int(live[0]) if len(live) else P - 1  # columns left of c0 are padding in every prompt: skipped
+    c0 = min(c0, P - 1)
+    cache = DynamicCache(config=getattr(decoder, "config", None))
+    kw = {"input_ids": input_ids[first, c0:P], "attention_mask": pmask[:, c0:], "position_ids": _positions(pmask[:, c0:]),
+          "past_key_values": cache, "use_cache": True}
+    h_prompt = decoder(**kw).last_hidden_state  # [U, P - c0, H]
+    cache.batch_select_indices(inverse)  # [U, ...] -> [N, ...] per layer (an indexing op: differentiable)
+    full_mask = attention_mask[:, c0:]  # [N, L - c0]
+    rpos = (pmask.long().sum(-1)[inverse][:, None] + _positions(attention_mask[:, P:]))  # response positions
+    h_resp = decoder(input_ids=input_ids[:, P:], attention_mask=full_mask, position_ids=rpos, past_key_values=cache,
+                     use_cache=True).last_hidden_state  # [N, L - P, H]
+    lead = h_resp.new_zeros((N, P - 1, h_resp.shape[-1]))
+    return torch.cat([lead, h_prompt[inverse, -1:], h_resp], 1)  # [N, L, H]
 
 
 def _plain(model, input_ids, attention_mask, pos, valid, s0, temperature, with_entropy):
@@ -196,11 +248,16 @@ def _head_logp(head, h: Tensor, targets: Tensor, temperature: float, ent_box: li
 
 def _lean(decoder, head, input_ids, attention_mask, pos, valid, temperature, chunk_size, with_entropy):
     """Decoder once, then the LM head over the ``M`` scored tokens, ``chunk_size`` at a time."""
-    N, T = pos.shape
     kw = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": _positions(attention_mask)}
     if "use_cache" in _params(decoder):
         kw["use_cache"] = False
     hidden = decoder(**kw).last_hidden_state  # [N, L, H]
+    return _head(head, hidden, input_ids, pos, valid, temperature, chunk_size, with_entropy)
+
+
+def _head(head, hidden, input_ids, pos, valid, temperature, chunk_size, with_entropy):
+    """The LM head over the ``M`` scored tokens of ``hidden [N, L, H]``, ``chunk_size`` at a time."""
+    N, T = pos.shape
     rows, cols = valid.nonzero(as_tuple=True)  # [M] each (one host sync)
     tpos = pos[rows, cols]
     h = hidden[rows, tpos - 1]  # [M, H]: the hidden state that predicts each scored token

@@ -18,6 +18,9 @@ Lightning-free; :class:`hca.modules.policy.HCAPolicyModule` owns backward, clipp
   (incremental decode with a KV cache); teacher forcing the same weights agrees with them to float
   rounding in fp32, but not in bf16, where the first update would already see ratios != 1. Setting
   it recomputes ``old_logp`` with one no-grad forward pass per mini-batch before the first update.
+* ``share_prompt_forward``: the ``G`` responses of a problem share its prompt, so teacher forcing
+  runs each distinct prompt once and the responses with its KV cache (the same log-probs; the
+  prompt's FLOPs ``G`` times fewer; micro-batches are cut along groups to keep them together).
 * ``fuse_logprob_pass``: samples of an engine with its own weights (vLLM) need the trainer's
   log-probs as ``old_logp``. When a step makes one update (``updates_per_step(N) == 1``) and the
   credit needs no entropies, the update's forward gives them (``ppo_loss(on_policy=True)``, ratio 1,
@@ -55,6 +58,7 @@ class PPOConfig:
     logprob_chunk_size: int | None = DEFAULT_CHUNK_TOKENS  # scored tokens per LM-head chunk (hca.logprobs); None: full logits
     tis_cap: float | None = None  # engine samples (vLLM): weight tokens by min(pi_old / pi_engine, cap); None: off
     fuse_logprob_pass: bool = True  # engine samples (vLLM), one update per step, no entropy credit: old_logp from the update's own forward
+    share_prompt_forward: bool = True  # teacher forcing runs each distinct prompt once, its KV cache shared by the group's responses
 
     def __post_init__(self):
         for name in ("group_size", "ppo_epochs"):
@@ -126,7 +130,8 @@ def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len:
     then holds the sampling engine's log-probs, which give ``rollout_logp_gap`` / ``_max``; the
     metrics add ``entropy`` (mean over the response tokens, no gradient)."""
     logp, ent = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_start, temperature,
-                                  chunk_size=cfg.logprob_chunk_size, with_entropy=on_policy)
+                                  chunk_size=cfg.logprob_chunk_size, with_entropy=on_policy,
+                                  group=batch.group if cfg.share_prompt_forward else None)
     old = logp.detach() if on_policy else batch.old_logp
     loss, metrics = policy_loss(logp, old, batch.advantages, batch.loss_mask, cfg.clip_low,
                                 cfg.clip_high, cfg.agg, max_len, token_weight=batch.is_weight)
@@ -148,14 +153,16 @@ def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len:
 @torch.no_grad()
 def teacher_forced(model, input_ids: Tensor, attention_mask: Tensor, response_start: int, response_mask: Tensor,
                    rows_per_pass: int, temperature: float, logprob_chunk_size: int | None = DEFAULT_CHUNK_TOKENS,
-                   with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                   with_entropy: bool = False, group: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """``(logp [N, T], entropy [N, T] or None)`` of the responses under ``model``, no gradient,
     ``rows_per_pass`` rows per forward pass, ``logprob_chunk_size`` scored tokens per LM-head chunk
-    (None: full logits); 0 on padding (``response_mask`` False)."""
+    (None: full logits); 0 on padding (``response_mask`` False). ``group [N]``: rows sharing a
+    prompt, whose prompt then runs once per pass (:func:`hca.logprobs.sequence_logprobs`)."""
     lps, ents = [], []
     for rows in torch.arange(input_ids.shape[0], device=input_ids.device).split(max(1, rows_per_pass)):
         lp, ent = sequence_logprobs(model, input_ids[rows], attention_mask[rows], response_start, temperature,
-                                    chunk_size=logprob_chunk_size, with_entropy=with_entropy)
+                                    chunk_size=logprob_chunk_size, with_entropy=with_entropy,
+                                    group=None if group is None else group[rows])
         lps.append(lp)
         ents.append(ent)
     zero = torch.zeros((), device=response_mask.device)
@@ -164,7 +171,7 @@ def teacher_forced(model, input_ids: Tensor, attention_mask: Tensor, response_st
 
 
 def frozen_logprobs(model, batch: RLBatch, chunk_size: int, temperature: float,
-                    logprob_chunk_size: int | None = DEFAULT_CHUNK_TOKENS) -> Tensor:
+                    logprob_chunk_size: int | None = DEFAULT_CHUNK_TOKENS, share_prompts: bool = True) -> Tensor:
     """``[N, T]`` teacher-forced log-probs of the batch's responses under ``model`` (:func:`teacher_forced`)."""
     return teacher_forced(model, batch.input_ids, batch.attention_mask, batch.response_start, batch.response_mask,
-                          chunk_size, temperature, logprob_chunk_size)[0]
+                          chunk_size, temperature, logprob_chunk_size, group=batch.group if share_prompts else None)[0]

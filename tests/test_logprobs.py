@@ -393,3 +393,61 @@ def test_policy_module_enables_gradient_checkpointing():
     plain = HCAPolicyModule(policy=TINY, credit=OUTCOME)
     plain.configure_model()
     assert not checkpointing(plain.model)
+
+
+def grouped_batch(seed: int = 0):
+    """3 prompts (lengths 5, 2, 4; left-padded to 5), 4 responses each of ragged lengths, rows shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in (5, 2, 4)]
+    lengths = [6, 3, 1, 6, 5, 2, 6, 6, 4, 1, 6, 2]
+    group = torch.arange(3).repeat_interleave(4)
+    P, T = 5, 6
+    rows = [(prompts[int(k)], torch.randint(1, V, (n,), generator=g).tolist()) for k, n in zip(group, lengths)]
+    ids = torch.tensor([[0] * (P - len(p)) + p + r + [0] * (T - len(r)) for p, r in rows])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(r)) + [0] * (T - len(r)) for p, r in rows])
+    perm = torch.randperm(len(rows), generator=g)
+    return ids[perm], mask[perm], P, group[perm], [rows[i] for i in perm]
+
+
+def decoder_calls(model):
+    calls = []
+    handle = model.get_decoder().register_forward_hook(lambda m, args, kw, out: calls.append(tuple(kw["input_ids"].shape)),
+                                                        with_kwargs=True)
+    return calls, handle
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("chunk", [512, 5])
+def test_shared_prompts_run_once_and_give_the_same_logprobs_and_gradients(tied, chunk):
+    model = qwen(tied=tied)
+    ids, mask, P, group, rows = grouped_batch()
+    want, want_ent = sequence_logprobs(model, ids, mask, P, 0.7, chunk_size=chunk, with_entropy=True)
+    calls, hook = decoder_calls(model)
+    got, got_ent = sequence_logprobs(model, ids, mask, P, 0.7, chunk_size=chunk, with_entropy=True, group=group)
+    hook.remove()
+    assert calls == [(3, 5), (12, 6)]  # the 3 distinct prompts once (no all-padding column), then the 12 responses
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_ent, want_ent, rtol=0, atol=1e-5)
+    ref = per_row_reference(model, rows, 0.7)
+    for i, (lp, _) in enumerate(ref):
+        torch.testing.assert_close(got[i, :len(lp)].double(), lp, rtol=0, atol=1e-4)
+    w = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+    assert_grads_close(grads(model, got, w), grads(model, want, w))
+
+
+def test_shared_prompts_are_checked_not_trusted():
+    model = qwen()
+    ids, mask, P, group, _ = grouped_batch()
+    ids[0, P - 1] = (ids[0, P - 1] % (V - 1)) + 1  # row 0's prompt now differs from its group's
+    want, _ = sequence_logprobs(model, ids, mask, P, 1.0)
+    calls, hook = decoder_calls(model)
+    got, _ = sequence_logprobs(model, ids, mask, P, 1.0, group=group)
+    assert calls == [tuple(ids.shape)]  # one pass over every row: the plain lean path
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    calls.clear()
+    sequence_logprobs(model, ids, mask, P, 1.0, group=torch.arange(len(ids)))  # no two rows share: no sharing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask, P, group, _ = grouped_batch()
+    sequence_logprobs(model, ids, mask, P, 1.0, group=group)  # checkpointing turns HF's cache off: no sharing
+    hook.remove()
+    assert calls == [(12, 11), (12, 11)]

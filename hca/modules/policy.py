@@ -353,7 +353,8 @@ class HCAPolicyModule(L.LightningModule):
         elif behaviour is not None:
             ids, attn, start = (t if isinstance(t, int) else t.to(self.device) for t in rollout.model_inputs())
             logp, ent = teacher_forced(self.model, ids, attn, start, rollout.response_mask.to(self.device), chunk, temp,
-                                       self.ppo.logprob_chunk_size, with_entropy=True)
+                                       self.ppo.logprob_chunk_size, with_entropy=True,
+                                       group=rollout.prompt_index.to(self.device) if self.ppo.share_prompt_forward else None)
             rollout = dataclasses.replace(rollout.with_entropy(ent.cpu()), logprobs=logp.float().cpu())
             mask = rollout.response_mask
             gap = (rollout.logprobs - behaviour).abs()[mask]
@@ -373,11 +374,12 @@ class HCAPolicyModule(L.LightningModule):
         on_device = batch.to(self.device) if needs_forward else batch
         if self.ppo.recompute_old_logp and behaviour is None:
             t0 = time.perf_counter()
-            batch = dataclasses.replace(batch, old_logp=frozen_logprobs(self.model, on_device, chunk, temp,
-                                                                        self.ppo.logprob_chunk_size).cpu())
+            batch = dataclasses.replace(batch, old_logp=frozen_logprobs(
+                self.model, on_device, chunk, temp, self.ppo.logprob_chunk_size, self.ppo.share_prompt_forward).cpu())
             self._recompute_seconds += time.perf_counter() - t0
         if "reference" in self._frozen:
-            ref = frozen_logprobs(self._frozen["reference"], on_device, chunk, temp, self.ppo.logprob_chunk_size)
+            ref = frozen_logprobs(self._frozen["reference"], on_device, chunk, temp, self.ppo.logprob_chunk_size,
+                                  self.ppo.share_prompt_forward)
             batch = dataclasses.replace(batch, ref_logp=ref.cpu())
         return batch
 
@@ -437,7 +439,8 @@ class HCAPolicyModule(L.LightningModule):
         """Loss and metrics of one mini-batch, its gradient accumulated over ``ppo.micro_batch_size``
         micro-batches weighted by :func:`hca.ppo.micro_batch_weights` (the metrics: their weighted
         means, maxima for ``*_max``); one pass when it is null or covers the mini-batch."""
-        parts = micro_batches(len(minibatch), self.ppo)
+        order = torch.argsort(minibatch.group, stable=True)  # micro-batches keep a problem's responses together
+        parts = [order[p] for p in micro_batches(len(minibatch), self.ppo)]
         if len(parts) > 1 and deepspeed:
             raise ValueError("ppo.micro_batch_size: gradient accumulation under DeepSpeed is the engine's own "
                              "(its config's gradient_accumulation_steps); leave micro_batch_size null there")
