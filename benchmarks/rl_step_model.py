@@ -220,8 +220,13 @@ def summarize(name: str, runs: list[dict], peak: int) -> dict:
     out = {"samples_per_s": samples / secs, "tokens_per_s": tokens / secs, "mean_response_tokens": tokens / samples,
            "step_s": statistics.median(s["seconds"] for s in timed), "peak_rss_gib": peak / 2**30,
            "timed_steps": len(timed)}
+    phases = [k for k in PHASES if any(k in s for s in timed)]  # TRL: time_generation (its model.generate) only
+    out["phases_s"] = {k.removeprefix("time_"): statistics.median(s.get(k, 0.0) for s in timed) for k in phases}
+    if name != "trl":
+        out["phases_s"]["step"] = statistics.median(s["seconds"] for s in timed)
+    else:
+        out["phases_s"]["rest"] = statistics.median(s["seconds"] - s["time_generation"] for s in timed)
     if name.startswith("hca"):
-        out["phases_s"] = {k.removeprefix("time_"): statistics.median(s.get(k, 0.0) for s in timed) for k in PHASES}
         out["truncated"] = statistics.mean(s["truncated"] for s in timed)
         gaps = [s["rollout_logp_gap"] for s in timed if s.get("rollout_logp_gap") is not None]
         if gaps:

@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  #
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-COUNTS = {"completions": 0, "tokens": 0}
+COUNTS = {"completions": 0, "tokens": 0, "generate_s": 0.0}
 
 
 def gsm8k_number(text: str) -> str | None:
@@ -58,10 +58,25 @@ def last_number_reward(prompts, completions, answer, completion_ids=None, **kwar
 
 class StepTimer(TrainerCallback):
     def __init__(self):
-        self.marks = []  # (time, completions so far, tokens so far), one per optimizer step
+        self.marks = []  # (time, completions so far, tokens so far, generate seconds so far), one per optimizer step
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((time.perf_counter(), COUNTS["completions"], COUNTS["tokens"]))
+        self.marks.append((time.perf_counter(), COUNTS["completions"], COUNTS["tokens"], COUNTS["generate_s"]))
+
+
+def timed_generate(model):
+    """Wrap ``model.generate`` (what GRPOTrainer samples with when vLLM is off) to add its wall time to
+    ``COUNTS["generate_s"]``: a step's sampling share; the rest is TRL's scoring, loss and update."""
+    inner = model.generate
+
+    def generate(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return inner(*a, **kw)
+        finally:
+            COUNTS["generate_s"] += time.perf_counter() - t0
+
+    model.generate = generate
 
 
 def main():
@@ -87,6 +102,7 @@ def main():
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    timed_generate(model)
     batch = args.problems_per_step * args.samples
     steps = args.steps + args.warmup
     out_dir = tempfile.mkdtemp(prefix="trl_grpo_model_")
@@ -106,8 +122,8 @@ def main():
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
     assert len(timer.marks) == steps, timer.marks
-    marks = [(t0, 0, 0)] + timer.marks
-    per_step = [{"seconds": b[0] - a[0], "samples": b[1] - a[1], "tokens": b[2] - a[2]}
+    marks = [(t0, 0, 0, 0.0)] + timer.marks
+    per_step = [{"seconds": b[0] - a[0], "samples": b[1] - a[1], "tokens": b[2] - a[2], "time_generation": b[3] - a[3]}
                 for a, b in zip(marks, marks[1:])]
     timed = per_step[args.warmup:]
     secs, samples, tokens = (sum(s[k] for s in timed) for k in ("seconds", "samples", "tokens"))

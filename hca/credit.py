@@ -80,11 +80,14 @@ def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | No
     finfo_min = torch.finfo(torch.float32).min
     parts = []
     for start in range(0, rows.shape[0], chunk_size):
-        z = rows[start:start + chunk_size].float() / temperature           # new fp32 tensor
-        z = (z - z.amax(dim=-1, keepdim=True)).clamp_min(finfo_min)        # -inf -> finite, p = 0
-        lse = torch.logsumexp(z, dim=-1)
-        p = torch.exp(z - lse.unsqueeze(-1))
-        parts.append(lse - (p * z).sum(dim=-1))
+        z = rows[start:start + chunk_size].float()
+        u = z - z.amax(dim=-1, keepdim=True)                                # new fp32 tensor, max 0
+        if temperature != 1.0:
+            u.div_(temperature)
+        u.clamp_min_(finfo_min)                                             # -inf -> finite, exp -> 0
+        e = torch.exp(u)                                                    # the only other [c, V] tensor
+        total = e.sum(dim=-1)                                               # >= 1 (the max's term)
+        parts.append(total.log() - torch.linalg.vecdot(e, u) / total)       # log sum e - E_p[u]
     if not parts:
         return logits.new_zeros(lead, dtype=torch.float32)
     return torch.cat(parts).reshape(lead)
