@@ -28,7 +28,7 @@ class EngineConfig:
 
     engine: str = "auto"  # hf | vllm | auto (vLLM when installed and the model is not tiny)
     max_batch_size: int = 256  # HF: samples per sub-batch (part of what fixes the HF random streams)
-    auto_min_params: int = 5_000_000  # auto: models with fewer parameters (and tiny-llama specs) use HF
+    auto_min_params: int = 1_000_000  # auto: models with fewer parameters (and tiny-llama specs) use HF (docs/engines.md: the measured crossover)
     dtype: str | None = None  # vLLM parameter dtype; None: the stage's dtype
     max_model_len: int | None = None  # vLLM context length (prompt + response); None: what the stage needs (longest prompt + response budget, in KV blocks, at most the model's)
     enable_prefix_caching: bool = True  # vLLM: share the KV of common prefixes (Monte Carlo completions)
