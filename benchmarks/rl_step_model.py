@@ -3,8 +3,8 @@
 The comparison a user cares about: the same model folder (``--model``, e.g. SmolLM2-135M-Instruct from
 ``make models``), the same GSM8K prompts, group size and budget (default 8 problems x 8 samples, 256 new
 tokens, temperature 1, fp32 on CPU, one optimizer update per RL step over ``--micro-batch`` responses per
-forward/backward with gradient accumulation in both (8: a whole step's backward at once needs more than this
-machine's 24 GiB), lr 1e-6, grad clip 1, no reference model). Contenders:
+forward/backward with gradient accumulation in both (8: a whole step's backward at once passed 16 GiB of RSS on this
+24 GiB machine and was stopped), lr 1e-6, grad clip 1, no reference model). Contenders:
 
 * ``hca-hf-grpo`` / ``hca-vllm-grpo``: :class:`hca.modules.policy.HCAPolicyModule` with outcome credit only
   (alpha = beta = 0), sampling with the HF engine or vLLM (weights synced into vLLM every step);
