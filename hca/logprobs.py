@@ -155,8 +155,8 @@ def _shared_prompts(model, input_ids, attention_mask, response_start, group) -> 
 def _shared_hidden(decoder, input_ids, attention_mask, P, first, inverse) -> Tensor:
     """``[N, L, H]`` hidden states as one decoder pass over every row would give them at the columns
     from ``P - 1`` on (the last prompt token and the response; earlier columns are zeros, never read):
-    the ``U`` distinct prompts run once with a KV cache, which is then indexed to the ``N`` rows
-    (autograd flows back through the index into the prompts' pass) for the response columns."""
+    the ``U`` distinct prompts run once with a KV cache, which is then copied to the ``N`` rows
+    (:func:`_rows`; autograd flows back through the copy into the prompts' pass) for the response columns."""
     from transformers import DynamicCache
 
     N, L = input_ids.shape
@@ -168,13 +168,23 @@ def _shared_hidden(decoder, input_ids, attention_mask, P, first, inverse) -> Ten
     kw = {"input_ids": input_ids[first, c0:P], "attention_mask": pmask[:, c0:], "position_ids": _positions(pmask[:, c0:]),
           "past_key_values": cache, "use_cache": True}
     h_prompt = decoder(**kw).last_hidden_state  # [U, P - c0, H]
-    cache.batch_select_indices(inverse)  # [U, ...] -> [N, ...] per layer (an indexing op: differentiable)
+    onehot = torch.nn.functional.one_hot(inverse, len(first)).to(h_prompt.dtype)  # [N, U]
+    for layer in cache.layers:  # [U, ...] -> [N, ...]
+        layer.keys, layer.values = _rows(layer.keys, onehot), _rows(layer.values, onehot)
     full_mask = attention_mask[:, c0:]  # [N, L - c0]
     rpos = (pmask.long().sum(-1)[inverse][:, None] + _positions(attention_mask[:, P:]))  # response positions
     h_resp = decoder(input_ids=input_ids[:, P:], attention_mask=full_mask, position_ids=rpos, past_key_values=cache,
                      use_cache=True).last_hidden_state  # [N, L - P, H]
     lead = h_resp.new_zeros((N, P - 1, h_resp.shape[-1]))
-    return torch.cat([lead, h_prompt[inverse, -1:], h_resp], 1)  # [N, L, H]
+    return torch.cat([lead, _rows(h_prompt[:, -1:], onehot), h_resp], 1)  # [N, L, H]
+
+
+def _rows(x: Tensor, onehot: Tensor) -> Tensor:
+    """``x [U, ...]`` -> ``[N, ...]``, row ``n`` a copy of row ``argmax(onehot[n])``, as a matmul with
+    the one-hot ``[N, U]``: the values are exact copies, and the backward (``onehot.T @ grad``) sums a
+    group's gradients in a fixed order. Indexing (``x[inverse]``) would accumulate them with
+    ``index_put``, whose order varies from run to run with more than one thread."""
+    return (onehot.to(x.dtype) @ x.reshape(x.shape[0], -1)).reshape(onehot.shape[0], *x.shape[1:])
 
 
 def _plain(model, input_ids, attention_mask, pos, valid, s0, temperature, with_entropy):

@@ -17,6 +17,7 @@ From a notebook::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -32,6 +33,7 @@ class Stage:
     outputs: list[str]  # paths that exist once the stage has finished
     run: Callable[[], None]  # does the work (resuming where it can)
     group: str | None = None  # consecutive stages of one group run side by side, one subprocess and thread each
+    threads: int | None = None  # torch threads when it runs alone in this process (None: the process's)
     notes: list[str] = field(default_factory=list)
 
     def done(self) -> bool:
@@ -206,7 +208,8 @@ def quickstart_stages(regime: str = "default") -> list[Stage]:
         outputs=[f"{prm_dir}/model/prm_config.json"], group="prm",
         run=lambda: fit_from_config(config("configs/prm/arithmetic.yaml", prm_dir), f"{prm_dir}/model",
                                     f"{prm_dir}/checkpoints")))
-    # RL methods that need no PRM (GRPO) train side by side with the PRM; the others after it
+    # RL methods that need no PRM (GRPO) train side by side with the PRM; the others after it. One torch thread
+    # even alone: with two, a run's weights differed bit-wise between repeats (docs/quickstart.md)
     from hca.experiment import uses_prm
 
     rl = {m: (f"configs/rl/arithmetic_{m}.yaml", f"{qs}/rl/{m}")
@@ -214,7 +217,7 @@ def quickstart_stages(regime: str = "default") -> list[Stage]:
     for m, (cfg, out) in rl.items():
         stages.append(Stage(
             name=f"rl-{m}", title=f"RL with {m.upper()} from the SFT policy ({cfg}{_regime_tag(reg)})",
-            outputs=[f"{out}/model/config.json"], group="rl" if uses_prm(m) else "prm",
+            outputs=[f"{out}/model/config.json"], group="rl" if uses_prm(m) else "prm", threads=1,
             run=lambda cfg=cfg, out=out: fit_from_config(config(cfg, out, QUICKSTART_RL), f"{out}/model",
                                                          f"{out}/checkpoints")))
     models = {"sft": f"{root}/sft/policy/model", **{m: f"{out}/model" for m, (_, out) in rl.items()}}
@@ -306,6 +309,22 @@ def run_side_by_side(stages: list[Stage], plan: str, plan_args: dict, log_dir: P
     return seconds
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` for the block (None: unchanged)."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").replace("\r", "\n").splitlines()[-lines:])
@@ -353,7 +372,8 @@ def run_stages(stages: list[Stage], only: list[str] | None = None, force: bool =
             for j, b in enumerate(batch):
                 banner(f"[{i + j}/{len(stages)}] {b.title}")
                 t1 = time.time()
-                b.run()
+                with _torch_threads(b.threads):
+                    b.run()
                 timings.append((b.name, f"{time.time() - t1:.0f}s"))
         k += len(batch)
     banner(f"pipeline finished in {time.time() - t_start:.0f}s")

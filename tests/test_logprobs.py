@@ -451,3 +451,32 @@ def test_shared_prompts_are_checked_not_trusted():
     sequence_logprobs(model, ids, mask, P, 1.0, group=group)  # checkpointing turns HF's cache off: no sharing
     hook.remove()
     assert calls == [(12, 11), (12, 11)]
+
+
+def test_shared_prompt_gradients_are_deterministic_with_two_threads():
+    """The prompt's KV is copied to its group's rows by a one-hot matmul, not by indexing: indexing's
+    backward accumulates a group's gradients in an order that changed from run to run with 2 threads
+    (which made the quickstart's RL run irreproducible)."""
+    from hca.models import char_tokenizer, load_causal_lm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tok = char_tokenizer(list("0123456789+-*= \n:QA?"))
+        model = load_causal_lm("tiny-llama:hidden_size=128,num_hidden_layers=4,seed=0", tokenizer=tok).train()
+        g = torch.Generator().manual_seed(0)
+        U, G, P, T = 16, 8, 20, 40
+        group = torch.arange(U).repeat_interleave(G)
+        ids = torch.cat([torch.randint(4, len(tok), (U, P), generator=g)[group],
+                         torch.randint(4, len(tok), (U * G, T), generator=g)], 1)
+        perm = torch.randperm(U * G, generator=g)
+        ids, group = ids[perm], group[perm]
+        runs = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            lp, _ = sequence_logprobs(model, ids, torch.ones_like(ids), P, 1.0, group=group)
+            lp.sum().backward()
+            runs.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert all(torch.equal(runs[0], r) for r in runs[1:])
+    finally:
+        torch.set_num_threads(threads)

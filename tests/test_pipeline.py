@@ -85,3 +85,15 @@ def test_quickstart_stage_order():
     assert [s.group for s in stages[:2]] == ["sft", "sft"]
     # GRPO needs no PRM: it trains side by side with the PRM, the PRM's method after both
     assert [s.group for s in stages[3:6]] == ["prm", "prm", "rl"]
+
+
+def test_a_stage_alone_runs_with_its_threads_then_restores_them(tmp_path):
+    import torch
+
+    seen = []
+    before = torch.get_num_threads()
+    st = Stage(name="one", title="one", outputs=[str(tmp_path / "never")], run=lambda: seen.append(torch.get_num_threads()),
+               threads=1)
+    run_stages([st], log_dir=str(tmp_path / "logs"))
+    assert seen == [1] and torch.get_num_threads() == before
+    assert all(s.threads == 1 for s in quickstart_stages() if s.name.startswith("rl-"))
