@@ -111,7 +111,7 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response
 
     ``group [N]`` (optional; an int ``response_start``): rows of one group share their prompt (the
     ``G`` responses of a problem). The lean path then runs the decoder over each distinct prompt
-    once and over the responses with that prompt's KV cache (:func:`_lean_shared`): the same numbers
+    once and over the responses with that prompt's KV cache (:func:`_shared_hidden`): the same numbers
     for ``(G - 1) / G`` fewer prompt-token FLOPs. Checked, not trusted: rows whose prompt columns
     differ within a group, a model with gradient checkpointing on, or no fewer prompts than rows
     take the plain lean path.
@@ -163,7 +163,6 @@ def _shared_hidden(decoder, input_ids, attention_mask, P, first, inverse) -> Ten
     pmask = attention_mask[first, :P]  # [U, P]
     live = pmask.any(0).nonzero()
     c0 = int(live[0]) if len(live) else P - 1  # columns left of c0 are padding in every prompt: skipped
-    c0 = min(c0, P - 1)
     cache = DynamicCache(config=getattr(decoder, "config", None))
     kw = {"input_ids": input_ids[first, c0:P], "attention_mask": pmask[:, c0:], "position_ids": _positions(pmask[:, c0:]),
           "past_key_values": cache, "use_cache": True}

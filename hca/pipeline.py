@@ -311,18 +311,22 @@ def run_side_by_side(stages: list[Stage], plan: str, plan_args: dict, log_dir: P
 
 @contextlib.contextmanager
 def _torch_threads(n: int | None):
-    """torch's intra-op threads set to ``n`` for the block (None: unchanged)."""
+    """torch's intra-op threads set to ``n`` for the block (None: unchanged); through
+    :func:`hca.rollout.vllm.set_torch_threads`, which still works after a vLLM engine in this process
+    has made ``torch.set_num_threads`` a no-op."""
     if not n:
         yield
         return
     import torch
 
+    from hca.rollout.vllm import set_torch_threads
+
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    set_torch_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        set_torch_threads(before)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
