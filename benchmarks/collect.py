@@ -1,4 +1,4 @@
-"""Collection throughput: ``hca.collect.label_chunk`` vs a naive loop (not a test).
+"""Collection throughput: ``hca.collection.labelling.label_chunk`` vs a naive loop (not a test).
 
 Models: the SFT policy and prover (runs/sft/policy/model, runs/sft/prover/model) where present,
 otherwise fresh tiny Llamas of the SFT shape (hidden 128, 4 layers, 4 heads, 2 KV heads; seeds 0
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from hca.collect import CollectionConfig, label_chunk
-from hca.models import char_tokenizer, load_causal_lm, load_tokenizer, tiny_llama
-from hca.problems import load_problems
+from hca.collection.labelling import CollectionConfig, label_chunk
+from hca.models.loading import char_tokenizer, load_causal_lm, load_tokenizer, tiny_llama
+from hca.data.problems import load_problems
 from hca.rollout import HFRolloutEngine, SamplingParams
-from hca.tasks.arithmetic import ensure_split_files
+from hca.data.arithmetic import ensure_split_files
 from hca.verify import batch_is_correct
 
 SFT = {"policy": ("runs/sft/policy/model", 0), "prover": ("runs/sft/prover/model", 1)}

@@ -21,8 +21,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from hca.collect_report import first_error_evidence, h0_values, text_histogram
-from hca.trajectories import read_dataset, write_json_atomic
+from hca.collection.report import first_error_evidence, h0_values, text_histogram
+from hca.data.trajectories import read_dataset, write_json_atomic
 
 THRESHOLDS = (-0.25, -0.5, -0.75)
 

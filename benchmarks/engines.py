@@ -1,7 +1,7 @@
 """Rollout engines: HFRolloutEngine vs vLLM on the same prompts and weights (not a test).
 
 Models: randomly initialised ``Qwen2ForCausalLM`` checkpoints with byte-level BPE tokenizers trained
-on GSM8K text (``hca.tiny_models``), saved to ``--cache`` (default ``runs/bench_engines/``; reused
+on GSM8K text (``hca.workflows.tiny_models``), saved to ``--cache`` (default ``runs/bench_engines/``; reused
 when present, delete it to rebuild), loaded by both engines from the same folder, both fp32:
 
 * ``tiny``: ``tiny_qwen2`` defaults (hidden 64, 2 layers, 2 heads of 32, 1 KV head, vocab 512): the
@@ -14,7 +14,7 @@ when present, delete it to rebuild), loaded by both engines from the same folder
   crossover that ``engine: auto``'s ``auto_min_params`` is set from (``--shapes tiny,s0.5m,s1m,s2m,large``
   prints it, interpolated in log parameters, for sampling and for the Monte Carlo call).
 
-Prompts: GSM8K test questions rendered as every stage renders them (``hca.prompts.PromptFormat()``:
+Prompts: GSM8K test questions rendered as every stage renders them (``hca.data.prompts.PromptFormat()``:
 the tokenizer's ChatML chat template, the question and the default step-by-step instruction in the
 user message, then the generation prompt); temperature 1, top-p 1. Random weights rarely emit EOS,
 so most samples run to their token budget: the table reports the tokens actually generated. Per
@@ -26,7 +26,7 @@ the real one is kept and used here):
    64, large 32 x 8 x 48; one ``generate`` call, one seed): tokens/s of the HF engine
    (``max_batch_size`` 256, the stage default) and of vLLM (``max_num_seqs`` 256, the default;
    prefix caching on).
-2. **Monte Carlo prefixes** (what ``hca.collect.estimate_prefix_values`` asks of the prover): R =
+2. **Monte Carlo prefixes** (what ``hca.collection.labelling.estimate_prefix_values`` asks of the prover): R =
    ``--mc-questions`` x ``--mc-responses`` responses (sampled once by the HF engine,
    ``--mc-cut-every`` x ``--mc-prefixes`` tokens long), each cut every ``--mc-cut-every`` tokens into
    ``--mc-prefixes`` prefixes, plus ``h_0`` (the bare prompt) once per question; then ONE engine
@@ -143,8 +143,8 @@ def build_model(folder: Path, shape: str, gsm8k_train: Path) -> None:
     """A random Qwen2 checkpoint of ``shape`` with a BPE tokenizer (ChatML template) in ``folder``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from hca.models import save_checkpoint
-    from hca.tiny_models import CHATML_TEMPLATE, gsm8k_texts, tiny_qwen2, train_bpe_tokenizer
+    from hca.models.loading import save_checkpoint
+    from hca.workflows.tiny_models import CHATML_TEMPLATE, gsm8k_texts, tiny_qwen2, train_bpe_tokenizer
 
     spec = dict(SHAPES[shape])
     tok = train_bpe_tokenizer(gsm8k_texts(gsm8k_train, 2000), spec.pop("vocab"), CHATML_TEMPLATE)
@@ -162,7 +162,7 @@ def build_model(folder: Path, shape: str, gsm8k_train: Path) -> None:
 def chat_prompts(tok, path: Path, n: int, skip: int = 0) -> list[str]:
     """GSM8K questions ``skip .. skip + n`` rendered as the stages render them (``PromptFormat()``:
     the tokenizer's chat template, the default step-by-step instruction in the user message)."""
-    from hca.prompts import PromptFormat
+    from hca.data.prompts import PromptFormat
 
     fmt = PromptFormat()
     with open(path, encoding="utf-8") as f:
@@ -223,7 +223,7 @@ def describe(batch) -> str:
 
 # ---------------------------------------------------------------------------------------------- one shape
 def run_shape(shape: str, args, rows: list) -> dict:
-    from hca.models import load_causal_lm, load_tokenizer
+    from hca.models.loading import load_causal_lm, load_tokenizer
     from hca.rollout import HFRolloutEngine, SamplingParams
     from hca.rollout.vllm import engine_for
 

@@ -9,7 +9,7 @@ CUDA context in one part cannot take the others with it; the child writes its fi
 
 * ``rl`` -- RL steps/s, samples/s and generated tokens/s of **GRPO** (``progress_coef =
   entropy_beta = 0``) and **HCA** (``progress_coef = entropy_beta = 1`` with a random PRM export
-  scored by :class:`hca.prm_scorer.PRMScorer`, as in ``benchmarks/rl_step.py``): the module's real
+  scored by :class:`hca.prm.scorer.PRMScorer`, as in ``benchmarks/rl_step.py``): the module's real
   ``training_step`` (HF engine sampling, verifying, PRM scoring, credit, PPO update, logging) through
   a Lightning ``Trainer`` at SmolLM2-135M's shape (``LlamaForCausalLM``: hidden 576, intermediate
   1536, 30 layers, 9 heads, 3 KV heads, vocabulary 49,152, tied, rope_theta 1e5), as the GSM8K
@@ -28,7 +28,7 @@ CUDA context in one part cannot take the others with it; the child writes its fi
   datasheet HBM bandwidth.
 * ``logp_gap`` -- ``train/rollout_logp_gap`` under bf16: the mean |engine log-prob - teacher-forced
   log-prob| of the sampled tokens, computed exactly as :mod:`hca.modules.policy` computes it
-  (:func:`hca.ppo.teacher_forced`, lean path, 32 rows per pass) after sampling with
+  (:func:`hca.rl.ppo.teacher_forced`, lean path, 32 rows per pass) after sampling with
   :class:`hca.rollout.hf.HFRolloutEngine`. The module logs that metric only for engines that keep
   their own weights (vLLM); with the HF engine it is computed here directly, same model shape and
   prompts as ``rl``. Two precisions: ``bf16_mixed`` (fp32 weights under bf16 autocast, the recipe's)
@@ -56,7 +56,7 @@ Run (GPU; about 5-7 minutes on one H200)::
 Without a GPU (or with ``--dry-run``) every part runs as a CPU dry run at tiny shapes (tiny Llama,
 vocabulary 512, 2 x 2 samples x 8 tokens; memory.py's tiny preset; ``torch.compile`` with the
 ``aot_eager`` backend instead of inductor) in well under a minute: the figures are meaningless, the
-plumbing is what it checks (``tests/test_gpu_check.py``).
+plumbing is what it checks (``tests/test_benchmarks_gpu_check.py``).
 
 Exit status 0 only when every part ran. A global budget (``--budget-s``, default 540 s on GPU)
 bounds the whole run: a part that would start past it is skipped with an error, a running one is
@@ -232,14 +232,14 @@ def part_rl(S: dict, dev, work: Path, deadline: float, res: dict) -> dict:
     import lightning as L
     import torch
 
-    from hca.console import quiet_console
+    from hca.runtime.console import quiet_console
     from hca.datamodules.rl_problems import ProblemDataModule
-    from hca.models import save_checkpoint
+    from hca.models.loading import save_checkpoint
     from hca.modules.policy import HCAPolicyModule
-    from hca.ppo import PPOConfig
-    from hca.prm_model import ProgressRewardModel, hidden_size_of, save_prm
-    from hca.prm_scorer import PRMScorer
-    from hca.rl_batch import CreditConfig
+    from hca.rl.ppo import PPOConfig
+    from hca.prm.model import ProgressRewardModel, hidden_size_of, save_prm
+    from hca.prm.scorer import PRMScorer
+    from hca.rl.batch import CreditConfig
     from rl_step import write_problems  # the peer script's arithmetic problems
 
     quiet_console()
@@ -348,7 +348,7 @@ def part_logp_gap(S: dict, dev, work: Path, deadline: float, res: dict) -> dict:
 
     import torch
 
-    from hca.ppo import teacher_forced
+    from hca.rl.ppo import teacher_forced
     from hca.rollout.base import SamplingParams
     from hca.rollout.hf import HFRolloutEngine
 

@@ -1,11 +1,11 @@
 """Peak memory (and speed) of ONE RL update, lean vs naive log-probs, at a real vocabulary (not a test).
 
-One update = ``hca.ppo.ppo_loss`` (teacher-forced log-probs of the responses, clipped surrogate,
+One update = ``hca.rl.ppo.ppo_loss`` (teacher-forced log-probs of the responses, clipped surrogate,
 ``token_mean``) and ``loss.backward()`` -- what ``HCAPolicyModule.update`` runs per mini-batch,
 without the optimizer step. Two paths, each in its **own child process** so their peaks do not mix:
 
 * ``lean``: ``PPOConfig(logprob_chunk_size=--chunk-size)``: decoder once, LM head chunk by chunk,
-  each chunk recomputed in the backward (:mod:`hca.logprobs`);
+  each chunk recomputed in the backward (:mod:`hca.rl.logprobs`);
 * ``naive``: ``logprob_chunk_size=None``: full ``[N, T, V]`` logits, fp32 ``log_softmax``.
 
 Model: a randomly initialised ``Qwen2ForCausalLM`` built from a config (nothing is downloaded), tied
@@ -62,7 +62,7 @@ def parse(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=32, help="P: prompt tokens per row")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     p.add_argument("--chunk-size", type=int, default=None, help="lean path: tokens per LM-head chunk "
-                   "(default: hca.logprobs.DEFAULT_CHUNK_TOKENS)")
+                   "(default: hca.rl.logprobs.DEFAULT_CHUNK_TOKENS)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="HF activation checkpointing (both paths)")
     p.add_argument("--repeats", type=int, default=2, help="timed updates after the measured one")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -112,9 +112,9 @@ def worker(args) -> dict:
     import torch
     import transformers
 
-    from hca.logprobs import DEFAULT_CHUNK_TOKENS
-    from hca.ppo import PPOConfig, ppo_loss
-    from hca.rl_batch import RLBatch
+    from hca.rl.logprobs import DEFAULT_CHUNK_TOKENS
+    from hca.rl.ppo import PPOConfig, ppo_loss
+    from hca.rl.batch import RLBatch
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,7 +18,7 @@ import statistics
 
 
 def probe(path: str, prm, problems, max_new_tokens: int, seed: int) -> dict[str, float]:
-    from hca.models import load_causal_lm, load_tokenizer
+    from hca.models.loading import load_causal_lm, load_tokenizer
     from hca.rollout import HFRolloutEngine, SamplingParams
     from hca.verify import verify_responses
 
@@ -56,9 +56,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     import torch
 
-    from hca.console import quiet_console
-    from hca.prm_scorer import PRMScorer
-    from hca.problems import load_problems
+    from hca.runtime.console import quiet_console
+    from hca.prm.scorer import PRMScorer
+    from hca.data.problems import load_problems
 
     quiet_console()
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """A real model on GSM8K through hca's prompt formats, engines and verifier (not a test).
 
-For a local model folder (or a ``.gguf`` file, converted by :mod:`hca.gguf`), on the first
+For a local model folder (or a ``.gguf`` file, converted by :mod:`hca.models.gguf`), on the first
 ``--limit`` problems of a GSM8K file, for each prompt format of ``--formats``:
 
 * ``ours``: the tokenizer's chat template, user message = question + the recipes' instruction
@@ -36,7 +36,7 @@ FORMATS = ("ours", "own", "plain")
 
 
 def prompt_format(name: str):
-    from hca.prompts import PromptFormat
+    from hca.data.prompts import PromptFormat
 
     return {"ours": PromptFormat(style="chat"), "own": PromptFormat(style="chat", instruction=""),
             "plain": PromptFormat(style="plain")}[name]
@@ -66,7 +66,7 @@ def build(kind: str, model: str, tokenizer, args, context: int):
         from hca.rollout.vllm import engine_for
 
         return engine_for(model, tokenizer, dtype=args.dtype, max_model_len=context, kv_cache_gb=args.kv_cache_gb)
-    from hca.models import load_causal_lm
+    from hca.models.loading import load_causal_lm
     from hca.rollout.hf import HFRolloutEngine
 
     return HFRolloutEngine(load_causal_lm(model, args.dtype, tokenizer=tokenizer).requires_grad_(False).eval(), tokenizer)
@@ -92,12 +92,12 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from hca.gguf import resolve_model_ref
-    from hca.models import load_tokenizer
-    from hca.problems import load_problems
-    from hca.processbench import data_dir
+    from hca.models.gguf import resolve_model_ref
+    from hca.models.loading import load_tokenizer
+    from hca.data.problems import load_problems
+    from hca.evaluation.processbench import data_dir
     from hca.rollout.base import SamplingParams
-    from hca.trajectories import write_json_atomic
+    from hca.data.trajectories import write_json_atomic
 
     model = resolve_model_ref(args.model)
     tok = load_tokenizer(model)

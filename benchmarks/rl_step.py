@@ -3,15 +3,15 @@
 The shape of ``/work/shared/peers/trl_grpo_tiny.py`` (TRL's GRPOTrainer), so that its
 ``samples_per_s`` line compares: a tiny random Llama (hidden 64, intermediate 128, 2 layers, 4
 heads, 2 KV heads, tied embeddings, max_position 256, seed 0) with a character tokenizer over the
-same characters (``hca.models.char_tokenizer``: same vocabulary size, hence the same initial weights
+same characters (``hca.models.loading.char_tokenizer``: same vocabulary size, hence the same initial weights
 and about the same response lengths), arithmetic prompts ``"Q: 12+7*3=? A:"``, 4 problems x 8
 samples per RL step, at most 48 new tokens, temperature 1, fp32, no reference model, one PPO epoch
 over one mini-batch of 32 (one AdamW update, lr 1e-4, grad clip 1.0, per step).
 
 * ``grpo``: ``progress_coef = entropy_beta = 0`` (outcome credit only, no scorer);
 * ``hca``: ``progress_coef = entropy_beta = 1`` with a PRM scorer: a tiny **random** PRM of the same
-  backbone shape (``hca.prm_model``: backbone + value head, written with ``save_prm`` and read by
-  ``hca.prm_scorer.PRMScorer``), so every step pays a batched PRM forward over prompt + response
+  backbone shape (``hca.prm.model``: backbone + value head, written with ``save_prm`` and read by
+  ``hca.prm.scorer.PRMScorer``), so every step pays a batched PRM forward over prompt + response
   and the entropy weights. Its values are noise; this measures cost, not learning.
 
 Both run the module's real ``training_step`` through a Lightning ``Trainer`` (sampling, verifying,
@@ -48,10 +48,10 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from hca.datamodules.rl_problems import ProblemDataModule  # noqa: E402
-from hca.models import char_tokenizer  # noqa: E402
+from hca.models.loading import char_tokenizer  # noqa: E402
 from hca.modules.policy import HCAPolicyModule  # noqa: E402
-from hca.ppo import PPOConfig  # noqa: E402
-from hca.rl_batch import CreditConfig  # noqa: E402
+from hca.rl.ppo import PPOConfig  # noqa: E402
+from hca.rl.batch import CreditConfig  # noqa: E402
 
 PROBLEMS, G, MAX_NEW = 4, 8, 48
 CHARS = list("0123456789+-*/=?:. ABQ\n") + list(string.ascii_lowercase)  # the peer script's characters
@@ -74,7 +74,7 @@ def write_problems(path: Path, n: int) -> str:
 
 def tiny_prm(folder: Path, tokenizer) -> str:
     """A random PRM export (same backbone shape as the policy, its own head seed) for PRMScorer."""
-    from hca.prm_model import ProgressRewardModel, hidden_size_of, load_backbone, save_prm
+    from hca.prm.model import ProgressRewardModel, hidden_size_of, load_backbone, save_prm
 
     backbone = load_backbone("tiny-llama:" + SHAPE.replace("seed=0", "seed=1"), tokenizer=tokenizer)
     prm = ProgressRewardModel(backbone, hidden_size_of(backbone), head_seed=0)
@@ -99,7 +99,7 @@ def run(variant: str, steps: int, warmup: int, work: Path, prm_path: str | None)
     hca = variant == "hca"
     scorer = None
     if hca:
-        from hca.prm_scorer import PRMScorer
+        from hca.prm.scorer import PRMScorer
 
         scorer = PRMScorer(prm_path, device="cpu", batch_size=64)
     module = HCAPolicyModule(
@@ -133,7 +133,7 @@ def model_floor(reps: int = 12) -> tuple[float, float]:
 
     from transformers import DynamicCache
 
-    from hca.models import load_causal_lm
+    from hca.models.loading import load_causal_lm
 
     tok = char_tokenizer(CHARS)
     model = load_causal_lm("tiny-llama:" + SHAPE, tokenizer=tok)
@@ -182,7 +182,7 @@ def main():
           f"threads={torch.get_num_threads()}")
     print(f"shape: {PROBLEMS} problems x {G} samples per RL step, <= {MAX_NEW} new tokens, tiny Llama ({SHAPE}), "
           f"vocab {len(char_tokenizer(CHARS))}, fp32, 1 update per step; hca scorer: tiny random PRM "
-          "(hca.prm_scorer.PRMScorer, same backbone shape)")
+          "(hca.prm.scorer.PRMScorer, same backbone shape)")
     totals = {v: {"seconds": 0.0, "samples": 0, "tokens": 0} for v in ("grpo", "hca")}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -56,8 +56,8 @@ PHASES = ("time_sync", "time_generation", "time_scoring", "time_recompute", "tim
 
 def write_problems(model: str, path: Path, n: int) -> None:
     """The first ``n`` GSM8K train problems with their prompts rendered by hca's default PromptFormat."""
-    from hca.models import load_tokenizer
-    from hca.prompts import PromptFormat
+    from hca.models.loading import load_tokenizer
+    from hca.data.prompts import PromptFormat
 
     tok, fmt = load_tokenizer(model), PromptFormat()
     with open(GSM8K) as f, open(path, "w") as out:
@@ -69,8 +69,8 @@ def write_problems(model: str, path: Path, n: int) -> None:
 
 def random_head_prm(model: str, folder: Path) -> str:
     """A PRM export with ``model``'s backbone and a random value head (same cost as a learned one)."""
-    from hca.models import load_tokenizer
-    from hca.prm_model import ProgressRewardModel, hidden_size_of, load_backbone, save_prm
+    from hca.models.loading import load_tokenizer
+    from hca.prm.model import ProgressRewardModel, hidden_size_of, load_backbone, save_prm
 
     tok = load_tokenizer(model)
     backbone = load_backbone(model, tokenizer=tok)
@@ -88,11 +88,11 @@ def hca_worker(args) -> dict:
     import lightning as L
     import torch
 
-    from hca.console import quiet_console
+    from hca.runtime.console import quiet_console
     from hca.datamodules.rl_problems import ProblemDataModule
     from hca.modules.policy import HCAPolicyModule
-    from hca.ppo import PPOConfig
-    from hca.rl_batch import CreditConfig
+    from hca.rl.ppo import PPOConfig
+    from hca.rl.batch import CreditConfig
     from hca.rollout.engines import EngineConfig
 
     quiet_console()
@@ -103,7 +103,7 @@ def hca_worker(args) -> dict:
     hca = variant == "hca"
     scorer = None
     if hca:
-        from hca.prm_scorer import PRMScorer
+        from hca.prm.scorer import PRMScorer
 
         scorer = PRMScorer(args.prm, device="cpu", batch_size=args.problems * args.samples, dtype="float32")
     n = args.problems * args.samples

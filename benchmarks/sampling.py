@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from hca.models import char_tokenizer, tiny_llama
+from hca.models.loading import char_tokenizer, tiny_llama
 from hca.rollout import HFRolloutEngine, SamplingParams
-from hca.tasks.arithmetic import generate_problems
+from hca.data.arithmetic import generate_problems
 
 NUM_PROMPTS, N, MAX_NEW = 32, 8, 48
 

@@ -312,7 +312,7 @@ def test_token_variants_keep_step_totals_on_random_batches(modulate, sign):
 
 
 def test_token_variant_names_are_checked():
-    from hca.rl_batch import CreditConfig
+    from hca.rl.batch import CreditConfig
 
     with pytest.raises(ValueError, match="modulate"):
         token_advantages(torch.zeros(1), torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), modulate="tokens")

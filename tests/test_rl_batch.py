@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from hca.credit import OUTCOME_ESTIMATORS
-from hca.models import char_tokenizer
-from hca.problems import Problem
-from hca.rl_batch import CreditConfig, build_rl_batch, group_advantages
-from hca.rl_metrics import batch_metrics
+from hca.models.loading import char_tokenizer
+from hca.data.problems import Problem
+from hca.rl.batch import CreditConfig, build_rl_batch, group_advantages
+from hca.rl.metrics import batch_metrics
 from hca.rollout import RolloutBatch
-from hca.scoring import CallableScorer, NoScorer
+from hca.rl.scoring import CallableScorer, NoScorer
 
 TOK = char_tokenizer()
 BASELINE = dict(progress_coef=0.0, entropy_beta=0.0)
@@ -198,7 +198,7 @@ def guarded_batch(**credit):
 
 
 def test_answer_guard_hand_computed():
-    from hca.rl_batch import answer_steps
+    from hca.rl.batch import answer_steps
 
     assert answer_steps(["1+1=2\n2+3=5\n5+0=5", "1+1=3\n3+3=6\n0-=0", "", "7"], problems("5", "5", "5", "5"),
                         "\n") == [2, 3, 0, 1]

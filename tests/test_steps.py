@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from hca.models import char_tokenizer
+from hca.models.loading import char_tokenizer
 from hca.steps import (
     StepSpan,
     align_prompt_response,
@@ -20,7 +20,7 @@ from hca.steps import (
     token_step_index,
     tokens_to_chars,
 )
-from hca.tasks.arithmetic import STEP_DELIMITER, generate_problems
+from hca.data.arithmetic import STEP_DELIMITER, generate_problems
 
 WORDS = ["The", "sum", "is", "π", "∑", "café", "x", "=", "Step", "so", "we", "get", "12", "345", "é", "then", "."]
 

@@ -210,7 +210,7 @@ def test_arithmetic_cases(response, reference, expected):
 
 
 def test_arithmetic_gold_solutions_verify():
-    from hca.tasks.arithmetic import ArithmeticProblem
+    from hca.data.arithmetic import ArithmeticProblem
 
     p = ArithmeticProblem(id="t", start=7, ops=(("+", 5), ("*", 3), ("-", 4)))
     assert p.solution == "7+5=12\n12*3=36\n36-4=32"

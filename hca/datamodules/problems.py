@@ -1,6 +1,6 @@
 """Problems cut into fixed chunks for collection (``trainer.predict``), with resume and own sharding.
 
-Prompts are rendered by the collector module, which owns the policy's tokenizer (:mod:`hca.prompts`).
+Prompts are rendered by the collector module, which owns the policy's tokenizer (:mod:`hca.data.prompts`).
 
 Chunk ``c`` holds problems ``[c * chunk_size, (c + 1) * chunk_size)`` of the file, in file order
 (after ``limit``), so a chunk id means the same problems on any number of ranks. A rank yields the
@@ -11,7 +11,7 @@ number of ranks still resumes. Lightning's ``DistributedSampler`` must be off
 
 A rank with no chunk left gets one empty chunk (``chunk_id = -1``, no problems), because
 Lightning skips the whole predict loop, hooks included, on an empty dataloader, and then that rank
-would never reach the final barrier of :class:`hca.collect_writer.TrajectoryWriter`.
+would never reach the final barrier of :class:`hca.collection.writer.TrajectoryWriter`.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 
 from hca.datamodules.sft import ArithmeticData
 from hca.datamodules.sharding import rank_and_world
-from hca.problems import Problem, load_problems
-from hca.trajectories import file_sha256, list_shards
+from hca.data.problems import Problem, load_problems
+from hca.data.trajectories import file_sha256, list_shards
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ProblemChunkDataModule(L.LightningDataModule):
                  limit: int | None = None, skip_malformed: bool = False, arithmetic: ArithmeticData | None = None):
         """
         Args:
-            problems_file: JSONL problem file (see hca/problems.py).
+            problems_file: JSONL problem file (see hca/data/problems.py).
             out_dir: collection folder; chunks whose shard is already there are skipped (resume).
             task: verifier name for lines that do not say theirs.
             chunk_size: problems per chunk (= per shard, per ``label_chunk`` call, per predict batch).

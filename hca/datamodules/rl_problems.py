@@ -1,6 +1,6 @@
-"""Problems for RL: the train loader yields lists of ``problems_per_step`` :class:`~hca.problems.Problem`
+"""Problems for RL: the train loader yields lists of ``problems_per_step`` :class:`~hca.data.problems.Problem`
 (one RL step each), the val loader lists of held-out problems for sampled pass@k. Prompts of native
-GSM8K / MATH lines are rendered by the policy module, which owns the tokenizer (:mod:`hca.prompts`).
+GSM8K / MATH lines are rendered by the policy module, which owns the tokenizer (:mod:`hca.data.prompts`).
 
 The train loader is a :class:`~hca.datamodules.resumable.ResumableLoader`: its order is a function of
 ``(seed, epoch)`` and a run resumed from a mid-epoch checkpoint continues with exactly the problems
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from hca.datamodules.sharding import eval_loader, rank_and_world
 from hca.datamodules.resumable import ResumableLoader
 from hca.datamodules.sft import ArithmeticData
-from hca.problems import Problem, load_problems
+from hca.data.problems import Problem, load_problems
 
 
 def as_list(batch: list[Problem]) -> list[Problem]:
@@ -44,7 +44,7 @@ class ProblemDataModule(L.LightningDataModule):
                  num_val: int | None = None, val_batch_size: int = 64, num_workers: int = 0):
         """
         Args:
-            train_file: JSONL problems to train on (see hca/problems.py).
+            train_file: JSONL problems to train on (see hca/data/problems.py).
             val_file: held-out JSONL problems for sampled pass@k.
             task: verifier name for lines that do not say theirs.
             problems_per_step: B, problems per RL step (each gets G sampled responses).

@@ -5,7 +5,7 @@ A sequence is ``tokenizer(prompt)`` (with the tokenizer's special tokens, exactl
 engine feeds the model) followed by ``tokenizer(solution, add_special_tokens=False) + [eos]``;
 the loss is on the response tokens only (prompt labels are ``-100``). Batches are right-padded.
 
-Prompts of native GSM8K / MATH lines are rendered with ``prompt`` (:class:`hca.prompts.PromptFormat`),
+Prompts of native GSM8K / MATH lines are rendered with ``prompt`` (:class:`hca.data.prompts.PromptFormat`),
 the same setting collection and RL use. ``solution_format: steps`` rewrites a GSM8K worked solution
 into the step format the default instruction asks for (:func:`step_solution`): one step per line of
 the solution, calculator annotations ``<<a*b=c>>`` removed, steps joined by ``delimiter``, and a
@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 
 from hca.datamodules.resumable import ResumableLoader
 from hca.datamodules.sharding import rank_and_world
-from hca.problems import Problem, load_problems
-from hca.modules.hparams import store_plain_hparams
-from hca.prompts import PromptFormat, render_problems
-from hca.tasks.arithmetic import ArithmeticConfig, ensure_split_files
+from hca.data.problems import Problem, load_problems
+from hca.runtime.hparams import store_plain_hparams
+from hca.data.prompts import PromptFormat, render_problems
+from hca.data.arithmetic import ArithmeticConfig, ensure_split_files
 
 
 @dataclass
@@ -54,7 +54,7 @@ class ArithmeticData:
 
 
 def _careful(p: Problem, path: str) -> Problem:
-    from hca.tasks.arithmetic import STEP_DELIMITER, ArithmeticProblem
+    from hca.data.arithmetic import STEP_DELIMITER, ArithmeticProblem
 
     if p.task != "arithmetic" or "ops" not in p.meta:
         raise ValueError(f"{path}: careful_solutions needs arithmetic problems with meta.ops; {p.id!r} has none")
@@ -82,7 +82,7 @@ class SFTDataModule(L.LightningDataModule):
                  limit: int | None = None):
         """``careful_solutions`` (arithmetic only): train on the one-operation-per-line solution rebuilt
         from each record's ``meta`` instead of the file's ``solution`` (which mixes in shortcut lines,
-        :mod:`hca.tasks.arithmetic`): how the embedded prover is made a more reliable policy than the
+        :mod:`hca.data.arithmetic`): how the embedded prover is made a more reliable policy than the
         one it judges, from the same problems. ``prompt``: how native lines become prompts.
         ``solution_format``: ``as_is`` or ``steps`` (module docstring), steps joined by ``delimiter``.
         ``limit``: the first ``limit`` problems of each file (None: all)."""
@@ -105,7 +105,7 @@ class SFTDataModule(L.LightningDataModule):
             self.arithmetic.write()
 
     def setup(self, stage: str | None = None) -> None:
-        from hca.models import load_tokenizer
+        from hca.models.loading import load_tokenizer
 
         if self.tokenizer is not None:
             return

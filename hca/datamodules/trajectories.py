@@ -2,7 +2,7 @@
 the PRM, and as the problem source of RL (:meth:`TrajectoryDataModule.problems`).
 
 Reading
-    :func:`hca.trajectories.read_dataset` checks the manifest's format version, every shard's
+    :func:`hca.data.trajectories.read_dataset` checks the manifest's format version, every shard's
     sha256 and record count, and validates every record; a bad record raises
     ``TrajectoryFormatError("<shard>:<line>: ...")``. Every response of one problem must carry the
     same prompt, answer and task (checked). Empty responses (``K = 0``) carry no step and no MC
@@ -54,9 +54,9 @@ from torch.utils.data import DataLoader
 
 from hca.datamodules.bucketing import BucketLoader
 from hca.datamodules.sharding import eval_loader, rank_and_world
-from hca.problems import Problem, load_problems
+from hca.data.problems import Problem, load_problems
 from hca.steps import align_prompt_response
-from hca.trajectories import Trajectory, read_dataset
+from hca.data.trajectories import Trajectory, read_dataset
 
 
 @dataclass
@@ -179,7 +179,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             seed: training order seed (the order is a function of seed and epoch; resumable mid-epoch).
             problems_file: optional problem file to take the problems' ``meta`` from (RL on the
                 arithmetic task needs it for ground-truth step checks); matched by id.
-            strict: refuse an incomplete collection (see :func:`hca.trajectories.iter_dataset`).
+            strict: refuse an incomplete collection (see :func:`hca.data.trajectories.iter_dataset`).
             verify_sha256: check every shard against the manifest's sha256 before reading.
             add_special_tokens: let the tokenizer add its special tokens (BOS), as the PRM scorer does.
             num_workers: DataLoader workers (examples are pre-tokenized: 0 is enough).
@@ -199,7 +199,7 @@ class TrajectoryDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
-        from hca.models import load_tokenizer
+        from hca.models.loading import load_tokenizer
 
         hp = self.hparams
         self.manifest, records = read_dataset(hp.data_dir, strict=hp.strict, verify_sha256=hp.verify_sha256)

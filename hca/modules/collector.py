@@ -1,8 +1,8 @@
 """Prover-labeled trajectory collection as Lightning ``predict`` (METHOD.md section 8.1).
 
 Thin: both models are built frozen in ``configure_model``; ``predict_step`` hands one
-:class:`~hca.datamodules.problems.ProblemChunk` to :func:`hca.collect.label_chunk` and returns
-``(chunk_id, records, stats)`` for :class:`hca.collect_writer.TrajectoryWriter` to write.
+:class:`~hca.datamodules.problems.ProblemChunk` to :func:`hca.collection.labelling.label_chunk` and returns
+``(chunk_id, records, stats)`` for :class:`hca.collection.writer.TrajectoryWriter` to write.
 
     python train.py predict --config configs/collect/arithmetic.yaml
 """
@@ -13,12 +13,13 @@ import warnings
 import lightning as L
 import torch
 
-from hca.collect import CollectionConfig, label_chunk
-from hca.models import load_causal_lm, load_tokenizer
-from hca.modules.hparams import store_plain_hparams
-from hca.prompts import PromptFormat, context_length, render_problems, rendered_prompts
+from hca.collection.labelling import CollectionConfig, label_chunk
+from hca.models.loading import load_causal_lm, load_tokenizer
+from hca.runtime.hparams import store_plain_hparams
+from hca.data.prompts import PromptFormat, context_length, render_problems, rendered_prompts
 from hca.rollout.engines import EngineConfig
-from hca.trajectories import FORMAT_VERSION, model_identity
+from hca.data.trajectories import FORMAT_VERSION
+from hca.models.identity import model_identity
 
 
 def check_model_ref(name: str, role: str) -> None:
@@ -27,11 +28,11 @@ def check_model_ref(name: str, role: str) -> None:
     setup, before any model is loaded or anything sampled."""
     from pathlib import Path
 
-    from hca.models import is_tiny_spec
+    from hca.models.loading import is_tiny_spec
 
     if is_tiny_spec(name) or Path(name).is_dir():
         return
-    from hca.gguf import check_gguf_file, is_gguf_ref
+    from hca.models.gguf import check_gguf_file, is_gguf_ref
 
     if is_gguf_ref(name):
         check_gguf_file(name)  # a clear error when missing or not GGUF
@@ -68,7 +69,7 @@ class CollectorModule(L.LightningModule):
             seed: collection seed; every chunk's sampling seeds derive from (seed, chunk id).
             num_threads: torch intra-op threads per process (None: leave torch's default).
             progress: show the engines' progress bars inside a chunk (when it spans several sub-batches).
-            prompt: how native problem lines become prompts, with the policy's tokenizer (:mod:`hca.prompts`);
+            prompt: how native problem lines become prompts, with the policy's tokenizer (:mod:`hca.data.prompts`);
                 the resolved format is written to the manifest (``identity.module.prompt_format``).
         """
         super().__init__()
@@ -87,7 +88,7 @@ class CollectorModule(L.LightningModule):
         self._engines = None
 
     def model_identities(self) -> tuple[dict, dict]:
-        """Identity (hca.trajectories.model_identity) of the policy and the prover; checks that
+        """Identity (hca.models.identity.model_identity) of the policy and the prover; checks that
         local checkpoints exist and warns when the prover has the policy's content hash."""
         if self._ids is None:
             hp = self.hparams
@@ -152,10 +153,10 @@ class CollectorModule(L.LightningModule):
         which size a vLLM engine's context when ``engine.max_model_len`` is unset: the prompts are
         the predict datamodule's problems rendered in the policy's format; the policy samples its
         budget after them, the prover completes ``prompt + a prefix of a policy response``
-        (:func:`hca.collect.estimate_prefix_values`) with its own budget
-        (:func:`hca.rollout.engines.continuation_need`). One model in both roles gets the larger
+        (:func:`hca.collection.labelling.estimate_prefix_values`) with its own budget
+        (:func:`hca.rollout.sizing.continuation_need`). One model in both roles gets the larger
         need for both (one engine). None each without such a datamodule (the model's context)."""
-        from hca.rollout.engines import continuation_need, sampling_need
+        from hca.rollout.sizing import continuation_need, sampling_need
 
         dm = self.trainer.datamodule if self._trainer is not None else None
         problems = getattr(dm, "problems", None)

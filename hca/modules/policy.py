@@ -8,9 +8,9 @@ One training step = one **RL step** on a batch of problems from
    synced to the module's weights, and its samples get log-probs and entropies from one
    teacher-forced pass of the trainer, docs/rl.md), seed ``derive_seed(seed, rl_step, "policy/<rank>")``;
 2. verify the outcomes, score the steps with the frozen scorer when ``progress_coef != 0`` and build
-   the token advantages (:func:`hca.rl_batch.build_rl_batch`); reference log-probs when a reference
+   the token advantages (:func:`hca.rl.batch.build_rl_batch`); reference log-probs when a reference
    is given;
-3. ``ppo_epochs`` passes over shuffled mini-batches (:mod:`hca.ppo`), one optimizer update each.
+3. ``ppo_epochs`` passes over shuffled mini-batches (:mod:`hca.rl.ppo`), one optimizer update each.
 
 GRPO, RLOO and Dr. GRPO are this module with ``progress_coef = entropy_beta = 0`` (and, for Dr. GRPO,
 ``agg: seq_mean_token_sum_norm``); there is no separate code path.
@@ -39,26 +39,26 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from hca.verify import verify_responses
-from hca.seeds import derive_seed
+from hca.rollout.seeds import derive_seed
 from hca.datamodules.sharding import gather_objects, global_batch_index
-from hca.modules.hparams import store_plain_hparams
-from hca.lora import LoraSettings, add_lora, merged_copy
-from hca.models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, save_checkpoint
+from hca.runtime.hparams import store_plain_hparams
+from hca.models.lora import LoraSettings, add_lora, merged_copy
+from hca.models.loading import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, save_checkpoint
 from hca.credit import truncated_is_weights
-from hca.ppo import PPOConfig, frozen_logprobs, micro_batch_weights, micro_batches, ppo_loss, teacher_forced
-from hca.problems import Problem
-from hca.prompts import PromptFormat, context_length, render_problems, rendered_prompts
-from hca.rl_batch import CreditConfig, RLBatch, build_rl_batch
-from hca.rl_metrics import batch_metrics
+from hca.rl.ppo import PPOConfig, frozen_logprobs, micro_batch_weights, micro_batches, ppo_loss, teacher_forced
+from hca.data.problems import Problem
+from hca.data.prompts import PromptFormat, context_length, render_problems, rendered_prompts
+from hca.rl.batch import CreditConfig, RLBatch, build_rl_batch
+from hca.rl.metrics import batch_metrics
 from hca.rollout.base import SamplingParams
 from hca.rollout.engines import EngineConfig
-from hca.scoring import NoScorer, StepScorer
-from hca.strategies import configure_deepspeed_clipping, deepspeed_engine, gathered
+from hca.rl.scoring import NoScorer, StepScorer
+from hca.runtime.strategies import configure_deepspeed_clipping, deepspeed_engine, gathered
 
 
 @dataclass(frozen=True)
 class PolicyEval:
-    """Held-out sampled evaluation at each validation (see :mod:`hca.evaluation`)."""
+    """Held-out sampled evaluation at each validation (see :mod:`hca.evaluation.policy`)."""
 
     n: int = 4  # samples per problem
     ks: tuple[int, ...] = (1, 4)  # pass@k / maj@k reported
@@ -102,11 +102,11 @@ class HCAPolicyModule(L.LightningModule):
             policy: the policy to train: local HF folder, hub name or ``tiny-llama[:k=v,...]``.
             tokenizer: the policy's tokenizer; defaults to ``policy``.
             reference: frozen reference policy for the k3 KL term (same forms); None: no reference, no KL.
-            scorer: frozen step scorer (:class:`hca.scoring.StepScorer`); required when progress_coef != 0.
+            scorer: frozen step scorer (:class:`hca.rl.scoring.StepScorer`); required when progress_coef != 0.
             dtype: parameter dtype of the policy and the reference.
             optimizer: a callable taking parameters and returning an optimizer.
             scheduler: a callable taking the optimizer and returning an LR scheduler, stepped every update.
-            credit: estimator, alpha, beta, weight clip, progress whitening (:class:`hca.rl_batch.CreditConfig`).
+            credit: estimator, alpha, beta, weight clip, progress whitening (:class:`hca.rl.batch.CreditConfig`).
             ppo: group size, epochs, mini-batches, clip, aggregation, KL, grad clip, truncation.
             sampling: the policy's sampling during RL (budget, temperature, top_p, stop; ``n`` is
                 ``ppo.group_size`` and the seed is derived per RL step).
@@ -118,8 +118,8 @@ class HCAPolicyModule(L.LightningModule):
             validation: sampled pass@k / maj@k on the val problems at each validation; None: skip.
             export_dir: where the final HF checkpoint (model + tokenizer) is written when fit ends.
             seed: every sampling seed and mini-batch shuffle derives from (seed, RL step).
-            lora: train LoRA adapters only (:mod:`hca.lora`; the export merges them); None: all weights.
-            prompt: how native problem lines become prompts with the policy's tokenizer (:mod:`hca.prompts`);
+            lora: train LoRA adapters only (:mod:`hca.models.lora`; the export merges them); None: all weights.
+            prompt: how native problem lines become prompts with the policy's tokenizer (:mod:`hca.data.prompts`);
                 a scorer that records the format it was trained on (a PRM export) must match it.
             allow_prompt_format_mismatch: score with a PRM trained on another prompt format anyway.
             gradient_checkpointing: recompute the policy's decoder layers in the backward (HF
@@ -191,14 +191,14 @@ class HCAPolicyModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
 
     def configure_callbacks(self):
-        from hca.progress import step_progress_bar
+        from hca.runtime.progress import step_progress_bar
 
         return step_progress_bar(self.trainer)  # "RL step 12/200", not Lightning's "Epoch 0/-2"
 
     def progress_steps(self) -> tuple[str, int, int | None]:
-        """The training bar's ``(label, done, total)`` (:mod:`hca.progress`): RL steps done, of those
+        """The training bar's ``(label, done, total)`` (:mod:`hca.runtime.progress`): RL steps done, of those
         ``trainer.max_steps`` (``ppo.updates_per_step`` updates each) and ``max_epochs`` allow."""
-        from hca.progress import training_total
+        from hca.runtime.progress import training_total
 
         dm = self.trainer.datamodule
         per_step = getattr(dm, "hparams", {}).get("problems_per_step") if dm is not None else None
@@ -222,7 +222,7 @@ class HCAPolicyModule(L.LightningModule):
         """Refuse a scorer trained on prompts of another format (``allow_prompt_format_mismatch`` overrides)."""
         if self.hparams.allow_prompt_format_mismatch or not hasattr(self.scorer, "prompt_format"):
             return
-        from hca.prompts import check_same_format
+        from hca.data.prompts import check_same_format
 
         check_same_format(self.prompt.describe(self.tokenizer), self.scorer.prompt_format,
                           f"the PRM at {getattr(self.scorer, 'path', self.scorer)!r}",
@@ -269,11 +269,11 @@ class HCAPolicyModule(L.LightningModule):
 
     def context_need(self) -> tuple[int, int] | None:
         """``(longest prompt, response budget)`` in the policy's tokens, which sizes a vLLM engine's
-        context when ``engine.max_model_len`` is unset (:func:`hca.rollout.engines.stage_context_len`);
+        context when ``engine.max_model_len`` is unset (:func:`hca.rollout.sizing.stage_context_len`);
         None without a datamodule of problems (the model's context then). The budget is the most the
         engine is asked for after a prompt: RL sampling, validation, and a Monte Carlo scorer whose
         prover is the current policy (it completes prefixes of responses)."""
-        from hca.rollout.engines import sampling_need
+        from hca.rollout.sizing import sampling_need
 
         prompts = self.stage_prompts()
         if prompts is None:
@@ -385,7 +385,7 @@ class HCAPolicyModule(L.LightningModule):
 
     def fuses_logprob_pass(self, num_responses: int) -> bool:
         """Whether engine samples (vLLM) of a step of ``num_responses`` take ``old_logp`` from the
-        update's own forward (``ppo.fuse_logprob_pass``; :mod:`hca.ppo`): only when the step makes one
+        update's own forward (``ppo.fuse_logprob_pass``; :mod:`hca.rl.ppo`): only when the step makes one
         update, the credit reads no entropies (beta 0, no entropy bonus) and nothing else needs the
         trainer's log-probs before the update (``tis_cap``, ``recompute_old_logp``)."""
         c, p = self.credit, self.ppo
@@ -437,7 +437,7 @@ class HCAPolicyModule(L.LightningModule):
     def _forward_backward(self, minibatch: RLBatch, clock: dict[str, float], deepspeed: bool
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and metrics of one mini-batch, its gradient accumulated over ``ppo.micro_batch_size``
-        micro-batches weighted by :func:`hca.ppo.micro_batch_weights` (the metrics: their weighted
+        micro-batches weighted by :func:`hca.rl.ppo.micro_batch_weights` (the metrics: their weighted
         means, maxima for ``*_max``); one pass when it is null or covers the mini-batch."""
         order = torch.argsort(minibatch.group, stable=True)  # micro-batches keep a problem's responses together
         parts = [order[p] for p in micro_batches(len(minibatch), self.ppo)]
@@ -466,11 +466,11 @@ class HCAPolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation, export, state
     def _evaluate(self, problems: list[Problem], index: int) -> dict[str, float]:
-        """Sums over one validation batch: every metric of :func:`hca.evaluation.evaluate_policy` is
+        """Sums over one validation batch: every metric of :func:`hca.evaluation.policy.evaluate_policy` is
         a mean over the batch's problems (each with ``n`` samples), so ``val/*`` sums are mean x
         problem count, and ``count`` is the problem count. Sampling is seeded by the batch's global
         index ``index`` (the same on any number of ranks; ``val/0`` is the tag one process always used)."""
-        from hca.evaluation import evaluate_policy
+        from hca.evaluation.policy import evaluate_policy
 
         if not problems:
             return {}

@@ -1,9 +1,9 @@
 """Training the progress reward model on prover-labeled trajectories (METHOD.md section 4).
 
-Thin: the model (:class:`hca.prm_model.ProgressRewardModel`) is built in ``configure_model`` (so
+Thin: the model (:class:`hca.prm.model.ProgressRewardModel`) is built in ``configure_model`` (so
 DeepSpeed ZeRO can shard it), optionally with LoRA adapters on the backbone; data come from
 :class:`hca.datamodules.trajectories.TrajectoryDataModule`; metric definitions live in
-:mod:`hca.prm_metrics`.
+:mod:`hca.prm.metrics`.
 
 Loss (:class:`PRMLoss`): binary cross-entropy with logits against the label of every boundary
 ``h_0 .. h_K``, ``sum(w * BCE) / sum(w)`` over the batch:
@@ -44,12 +44,12 @@ from torchmetrics.classification import BinaryAUROC, BinaryF1Score
 
 from hca.datamodules.sharding import gather_objects
 from hca.datamodules.trajectories import PRMBatch
-from hca.lora import LoraSettings
-from hca.modules.hparams import store_plain_hparams
-from hca.prm_metrics import (FirstErrorF1, PairwiseRankAccuracy, SoftCalibrationError, first_flag, harmful_step_targets,
+from hca.models.lora import LoraSettings
+from hca.runtime.hparams import store_plain_hparams
+from hca.prm.metrics import (FirstErrorF1, PairwiseRankAccuracy, SoftCalibrationError, first_flag, harmful_step_targets,
                              predicted_first_error)
-from hca.prm_model import ProgressRewardModel, grow_backbone, hidden_size_of, load_backbone, save_prm
-from hca.trajectories import manifest_prompt_format
+from hca.prm.model import ProgressRewardModel, grow_backbone, hidden_size_of, load_backbone, save_prm
+from hca.data.trajectories import manifest_prompt_format
 
 
 @dataclass
@@ -64,7 +64,7 @@ class PRMLoss:
 
 @dataclass
 class PRMEval:
-    """Validation metric settings (definitions in hca/prm_metrics.py)."""
+    """Validation metric settings (definitions in hca/prm/metrics.py)."""
 
     harmful_threshold: float = 0.5  # a step is harmful when its label progress <= -this
     error_value_threshold: float = 0.5  # rule "value": first step with f(h_k) below this is the predicted error
@@ -93,16 +93,16 @@ class PRMModule(L.LightningModule):
             tokenizer: tokenizer name/path; defaults to ``backbone`` (must match the datamodule's).
             dtype: backbone parameter dtype (``float32``, ``bfloat16``); the head is float32.
             loss: targets, weights and class balancing (:class:`PRMLoss`).
-            lora: LoRA adapters on the backbone (:class:`hca.lora.LoraSettings`; None: train the whole
+            lora: LoRA adapters on the backbone (:class:`hca.models.lora.LoraSettings`; None: train the whole
                 backbone); only the adapters, the head and any ``extra_layers`` train.
             eval: validation metric thresholds (:class:`PRMEval`).
             optimizer: a callable taking the trainable parameters and returning an optimizer.
             scheduler: a callable taking the optimizer and returning an LR scheduler (stepped each batch).
             gradient_checkpointing: recompute backbone activations in the backward pass (saves memory).
             extra_layers: decoder layers appended on top of the backbone, starting as the identity
-                (:func:`hca.prm_model.grow_backbone`); they train even with LoRA.
+                (:func:`hca.prm.model.grow_backbone`); they train even with LoRA.
             head_seed: seed of the value head's initial weights.
-            export_dir: where the PRM export folder (:func:`hca.prm_model.save_prm`) is written when fit ends.
+            export_dir: where the PRM export folder (:func:`hca.prm.model.save_prm`) is written when fit ends.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -128,7 +128,7 @@ class PRMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.prm is not None:
             return
-        from hca.models import load_tokenizer
+        from hca.models.loading import load_tokenizer
 
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.tokenizer or hp.backbone)
@@ -137,7 +137,7 @@ class PRMModule(L.LightningModule):
             backbone.gradient_checkpointing_enable()
         hidden = hidden_size_of(backbone)
         if self.lora_cfg is not None:
-            from hca.lora import add_lora
+            from hca.models.lora import add_lora
 
             n = hp.extra_layers
             new = [f"layers.{i}." for i in range(len(backbone.layers) - n, len(backbone.layers))] if n else []
@@ -152,13 +152,13 @@ class PRMModule(L.LightningModule):
         return self.prm(batch.input_ids, batch.attention_mask, batch.positions)
 
     def configure_callbacks(self):
-        from hca.progress import step_progress_bar
+        from hca.runtime.progress import step_progress_bar
 
         return step_progress_bar(self.trainer)  # "PRM step 340/2000", not Lightning's "Epoch 0/-2"
 
     def progress_steps(self) -> tuple[str, int, int | None]:
-        """The training bar's ``(label, done, total)`` (:mod:`hca.progress`): optimizer steps."""
-        from hca.progress import training_total
+        """The training bar's ``(label, done, total)`` (:mod:`hca.runtime.progress`): optimizer steps."""
+        from hca.runtime.progress import training_total
 
         return "PRM step", self.trainer.global_step, training_total(self.trainer)
 
@@ -286,7 +286,7 @@ class PRMModule(L.LightningModule):
         """Write the PRM export folder (LoRA adapters merged into a copy of the backbone)."""
         backbone = self.prm.backbone
         if self.lora_cfg is not None:
-            from hca.lora import merged_copy
+            from hca.models.lora import merged_copy
 
             backbone = merged_copy(backbone)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -8,13 +8,13 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from hca.models import load_causal_lm, load_tokenizer, save_checkpoint
-from hca.modules.hparams import store_plain_hparams
+from hca.models.loading import load_causal_lm, load_tokenizer, save_checkpoint
+from hca.runtime.hparams import store_plain_hparams
 
 
 @dataclass
 class SamplingEval:
-    """Held-out evaluation by sampling (see :mod:`hca.evaluation`)."""
+    """Held-out evaluation by sampling (see :mod:`hca.evaluation.policy`)."""
 
     num_problems: int = 128  # validation problems scored (the first ones of the val file)
     n: int = 4  # samples per problem
@@ -80,7 +80,7 @@ class SFTModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if cfg is None or self.trainer.sanity_checking or dm is None:
             return
-        from hca.evaluation import evaluate_policy
+        from hca.evaluation.policy import evaluate_policy
         from hca.rollout import HFRolloutEngine
 
         problems = dm.val_problems[: cfg.num_problems]
@@ -95,13 +95,13 @@ class SFTModule(L.LightningModule):
             save_checkpoint(self.model, self.tokenizer, self.hparams.export_dir)
 
     def configure_callbacks(self):
-        from hca.progress import step_progress_bar
+        from hca.runtime.progress import step_progress_bar
 
         return step_progress_bar(self.trainer)  # "SFT step 340/2000", not Lightning's "Epoch 0/-2"
 
     def progress_steps(self) -> tuple[str, int, int | None]:
-        """The training bar's ``(label, done, total)`` (:mod:`hca.progress`): optimizer steps."""
-        from hca.progress import training_total
+        """The training bar's ``(label, done, total)`` (:mod:`hca.runtime.progress`): optimizer steps."""
+        from hca.runtime.progress import training_total
 
         return "SFT step", self.trainer.global_step, training_total(self.trainer)
 

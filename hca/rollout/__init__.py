@@ -9,7 +9,7 @@
 * :mod:`hca.rollout.engines` -- :class:`EngineConfig` (``engine: hf | vllm | auto`` and its
   settings, one key in every stage) and :func:`build_engine`.
 
-Training-side log-probs (teacher forcing, with gradients) are :mod:`hca.logprobs`, not here.
+Training-side log-probs (teacher forcing, with gradients) are :mod:`hca.rl.logprobs`, not here.
 """
 from hca.rollout.base import FINISH_REASONS, RolloutBatch, RolloutEngine, SamplingParams
 from hca.rollout.hf import HFRolloutEngine

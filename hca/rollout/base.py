@@ -33,7 +33,7 @@ class SamplingParams:
     ``temperature`` also defines the distribution whose log-probs (and, HF engine, entropies) are
     recorded; ``top_p`` truncates what is sampled from. In stage configs ``n`` and ``seed`` stay at
     their defaults: the stage sets them per call (:meth:`call`) from its group size / rollout count
-    and its seed streams (:mod:`hca.seeds`)."""
+    and its seed streams (:mod:`hca.rollout.seeds`)."""
 
     max_new_tokens: int = 64  # token budget per sample; a sample cut here finishes with "length"
     temperature: float = 1.0  # sampling temperature (> 0); log-probs are those of softmax(logits / temperature)

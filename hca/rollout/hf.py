@@ -22,7 +22,7 @@ decode loop:
 
 Same prompts, params (with a seed) and ``max_batch_size`` give identical outputs (the chunking
 into sub-batches changes the random stream, so a different ``max_batch_size`` does too).
-:func:`hca.logprobs.sequence_logprobs` recomputes the same log-probs / entropies by teacher forcing
+:func:`hca.rl.logprobs.sequence_logprobs` recomputes the same log-probs / entropies by teacher forcing
 (with gradients, without a full-vocabulary fp32 logits tensor), for RL training.
 """
 from __future__ import annotations

@@ -39,8 +39,8 @@ from typing import Iterable, Sequence
 import torch
 
 from hca.rollout.base import RolloutBatch, SamplingParams, encode_prompts, token_budgets
-from hca.rollout.engines import checkpoint_shapes
-from hca.seeds import derive_seed
+from hca.rollout.sizing import checkpoint_shapes
+from hca.rollout.seeds import derive_seed
 
 _SET_NUM_THREADS = torch.set_num_threads  # the real one: vLLM's CPU worker replaces torch's by a no-op in-process
 
@@ -144,7 +144,7 @@ class VLLMRolloutEngine:
             setting: the config key that chose this engine, named in errors.
             context_need: ``(longest prompt, response budget)`` in tokens, what the stage will ask for;
                 with ``max_model_len`` None the context is that, in whole KV blocks, at most the
-                model's (:func:`hca.rollout.engines.stage_context_len`). None: the model's context.
+                model's (:func:`hca.rollout.sizing.stage_context_len`). None: the model's context.
         """
         vllm = import_vllm(setting)
         self._vllm, self.model_path, self.setting = vllm, str(model), setting
@@ -182,7 +182,7 @@ class VLLMRolloutEngine:
             if torch.get_num_threads() != threads:  # vLLM lowers torch's threads "for serving"
                 set_torch_threads(threads)
         if tokenizer is None:
-            from hca.models import load_tokenizer
+            from hca.models.loading import load_tokenizer
 
             tokenizer = load_tokenizer(str(model))
         self.tokenizer = tokenizer
@@ -323,10 +323,10 @@ class VLLMRolloutEngine:
 def resolve_context(model: str, max_model_len: int | None, context_need: tuple[int, int] | None,
                     block_size: int | None, setting: str = "engine") -> tuple[int | None, str]:
     """``(max_model_len to give vLLM or None for the model's, where it comes from)``: an explicit
-    ``max_model_len`` wins; else ``context_need`` sized by :func:`~hca.rollout.engines.stage_context_len`
+    ``max_model_len`` wins; else ``context_need`` sized by :func:`~hca.rollout.sizing.stage_context_len`
     in KV blocks of ``block_size`` (None: 32 on CPU, 16 on CUDA, only for the rounding) at most the
     context of the model's ``config.json``."""
-    from hca.rollout.engines import model_context_len, stage_context_len
+    from hca.rollout.sizing import model_context_len, stage_context_len
 
     if max_model_len is not None:
         return int(max_model_len), f"set by {setting}.max_model_len"
@@ -371,7 +371,7 @@ def engine_for(model: str, tokenizer=None, *, owner: str | None = None, setting:
     ``owner``: a caller that will :meth:`~VLLMRolloutEngine.sync_weights` (RL) gets an engine of its
     own under that name, never one shared with samplers of the checkpoint. ``context_need``: see
     :class:`VLLMRolloutEngine`; requests whose needs give the same context share an engine."""
-    from hca.gguf import resolve_model_ref
+    from hca.models.gguf import resolve_model_ref
 
     model = resolve_model_ref(model)  # a .gguf file: its converted folder
     path = str(Path(model).resolve()) if Path(str(model)).exists() else str(model)

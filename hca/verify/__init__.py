@@ -23,7 +23,7 @@ seconds (``SLOW_TIMEOUT_S`` plus a little), from any thread or process.
 
 What each task accepts
 ----------------------
-``"arithmetic"`` (the embedded task, :mod:`hca.tasks.arithmetic`)
+``"arithmetic"`` (the embedded task, :mod:`hca.data.arithmetic`)
     Prediction: the integer right after the last ``=`` of the response (``"...\\n36-4=32"`` -> 32);
     if no ``=`` is followed by an integer, the last integer in the response. Reference: an integer
     string. Exact integer equality (digit strings are compared, so there is no int-size limit).
@@ -272,7 +272,7 @@ def batch_is_correct(responses: Sequence[str], references: Sequence[str], task: 
 
 def verify_responses(texts: Sequence[str], problems: Sequence) -> list[bool]:
     """Whether ``texts[i]`` answers ``problems[i]`` (anything with ``.task`` and ``.answer``, e.g. a
-    :class:`hca.problems.Problem`): :func:`batch_is_correct` grouped by task (a batch may mix tasks)."""
+    :class:`hca.data.problems.Problem`): :func:`batch_is_correct` grouped by task (a batch may mix tasks)."""
     out = [False] * len(texts)
     by_task: dict[str, list[int]] = {}
     for i, p in enumerate(problems):

@@ -1,4 +1,4 @@
-"""Tiny prover-labeled collections for the PRM tests, written with hca.trajectories' own writers.
+"""Tiny prover-labeled collections for the PRM tests, written with hca.data.trajectories' own writers.
 
 Responses are gold arithmetic solutions, some with one wrong step (the error propagates, as a
 policy's would); MC labels are binomial draws around a value that drops to ~0 after an error, so a
@@ -10,8 +10,8 @@ import random
 from pathlib import Path
 
 from hca.steps import split_steps
-from hca.tasks.arithmetic import ArithmeticConfig, ArithmeticProblem, generate_problems
-from hca.trajectories import FORMAT_VERSION, Trajectory, shard_name, write_manifest, write_shard
+from hca.data.arithmetic import ArithmeticConfig, ArithmeticProblem, generate_problems
+from hca.data.trajectories import FORMAT_VERSION, Trajectory, shard_name, write_manifest, write_shard
 
 TINY = "tiny-llama:hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1"
 
@@ -75,7 +75,7 @@ def write_collection(out_dir: Path, num_problems: int = 24, n_resp: int = 4, chu
 
 def problems_file(out_dir: Path, num_problems: int = 24, seed: int = 0) -> Path:
     """The problems of :func:`write_collection` as a problem file (with meta)."""
-    from hca.problems import write_jsonl_atomic
+    from hca.data.problems import write_jsonl_atomic
 
     cfg = ArithmeticConfig(min_steps=2, max_steps=4, max_start=9, max_operand=5, max_value=99)
     return write_jsonl_atomic(out_dir / "problems.jsonl",

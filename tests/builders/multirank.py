@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo, DeepSpeed ZeRO-2) for tests/test_multirank.py.
+"""Two CPU processes (gloo, DeepSpeed ZeRO-2) for tests/test_runtime_multirank.py.
 
     python tests/builders/multirank.py rl,prm DATA_DIR OUT_DIR
 
@@ -27,14 +27,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # tests/ (test_policy) and tests/builders/
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # tests/ (test_modules_policy) and tests/builders/
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
 
-from hca.strategies import CPUDeepSpeedStrategy  # noqa: E402
+from hca.runtime.strategies import CPUDeepSpeedStrategy  # noqa: E402
 
 RL_STEPS, RL_UPDATES_PER_STEP, RL_CKPT_AT = 4, 2, 2  # RL steps; the checkpoint after RL step 2 (mid-epoch)
 PRM_STEPS, PRM_CKPT_AT = 6, 3
@@ -138,8 +138,8 @@ def trainer(events, max_steps, val_every, ckpt_dir=None, ckpt_every=None, probe=
 # ---------------------------------------------------------------------------------- RL
 def rl_reference(trainer, module):
     """One process over all validation batches: seeds and weights as the ranks', weighted by problems."""
-    from hca.seeds import derive_seed
-    from hca.evaluation import evaluate_policy
+    from hca.rollout.seeds import derive_seed
+    from hca.evaluation.policy import evaluate_policy
 
     cfg, sums, count = module.validation, {}, 0
     was_training = module.model.training
@@ -157,12 +157,12 @@ def rl_reference(trainer, module):
 
 def rl_build(data: Path):
     from hca.datamodules.rl_problems import ProblemDataModule
-    from hca.models import char_tokenizer
+    from hca.models.loading import char_tokenizer
     from hca.modules.policy import HCAPolicyModule, PolicyEval
-    from hca.ppo import PPOConfig
-    from hca.rl_batch import CreditConfig
-    from hca.scoring import CallableScorer
-    from test_policy import TINY, value_fn
+    from hca.rl.ppo import PPOConfig
+    from hca.rl.batch import CreditConfig
+    from hca.rl.scoring import CallableScorer
+    from test_modules_policy import TINY, value_fn
 
     dm = ProblemDataModule(train_file=str(data / "train.jsonl"), val_file=str(data / "val.jsonl"),
                            problems_per_step=2, val_batch_size=2, seed=0)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 def run_tiny_recipe(root: Path, gsm8k: Path, sft_steps: int, text_limit: int, engine: str | None = None):
     """``(models, out, stages)`` of a finished run under ``root`` (``engine``: ``--engine``)."""
-    from hca.pipeline import run_stages
-    from hca.recipes import recipe_stages
-    from hca.tiny_models import build_tiny_models
+    from hca.workflows.pipeline import run_stages
+    from hca.workflows.recipes import recipe_stages
+    from hca.workflows.tiny_models import build_tiny_models
 
     models = build_tiny_models(root / "models", gsm8k, sft_steps=sft_steps, prover_sft_steps=sft_steps,
                                text_limit=text_limit)

@@ -1,1 +1,0 @@
-"""Tasks: problem sources and their verifiers' names (``"arithmetic"``, ``"gsm8k"``, ``"math"``)."""
