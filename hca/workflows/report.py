@@ -208,7 +208,14 @@ def write_report(out_dir: str = "runs/quickstart", methods: tuple[str, ...] = ("
     return {"markdown": str(out / "report.md"), "html": str(out / "report.html")}
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    import argparse
 
-    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart"))
+    ap = argparse.ArgumentParser(prog="python -m hca.workflows.report",
+                                 description="Rebuild a quickstart's report from what its stages wrote.")
+    ap.add_argument("out_dir", nargs="?", default="runs/quickstart", help="the quickstart's folder (default: %(default)s)")
+    print(write_report(ap.parse_args(argv).out_dir))
+
+
+if __name__ == "__main__":
+    main()
