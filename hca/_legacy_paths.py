@@ -23,11 +23,13 @@ MOVED = {
     "seeds": "rollout.seeds", "gguf": "models.gguf", "lora": "models.lora",
     "collect": "collection.labelling", "collect_writer": "collection.writer", "collect_report": "collection.report",
     "prm_model": "prm.model", "prm_scorer": "prm.scorer", "prm_metrics": "prm.metrics",
-    "rl_batch": "rl.batch", "ppo": "rl.ppo", "logprobs": "rl.logprobs", "scoring": "rl.scoring", "rl_metrics": "rl.metrics",
+    "rl_batch": "rl.batch", "ppo": "rl.ppo", "logprobs": "rl.logprobs", "scoring": "rl.scoring",
+    "rl_metrics": "rl.metrics",
     "processbench": "evaluation.processbench", "search": "evaluation.search",
     "cli": "workflows.cli", "pipeline": "workflows.pipeline", "recipes": "workflows.recipes",
     "experiment": "workflows.experiment", "report": "workflows.report", "credit_view": "workflows.credit_view",
-    "bootstrap": "workflows.bootstrap", "prover_check": "workflows.prover_check", "tiny_models": "workflows.tiny_models",
+    "bootstrap": "workflows.bootstrap", "prover_check": "workflows.prover_check",
+    "tiny_models": "workflows.tiny_models",
 }
 # ``hca.models`` and ``hca.evaluation`` were modules and are packages now: their __init__ re-exports the
 # old module's names (hca.models.loading, hca.evaluation.policy), so they need no alias.

@@ -8,7 +8,7 @@ import pytest
 
 from hca.data.problems import Problem, ProblemFileError, load_problems
 from hca.data.prompts import (QUESTION_PLACEHOLDER, PromptFormat, PromptFormatError, check_same_format, render_like,
-                         render_problems)
+                              render_problems)
 from hca.workflows.tiny_models import CHATML_TEMPLATE, train_bpe_tokenizer
 
 TEXTS = ["Natalia sold 48 clips in April and half as many in May. How many clips did she sell?",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hca.data.trajectories import (FORMAT_VERSION, Trajectory, TrajectoryFormatError, file_sha256,
-                              read_dataset, read_shard, shard_name, validate_record, write_manifest, write_shard)
+                                   read_dataset, read_shard, shard_name, validate_record, write_manifest, write_shard)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "trajectory_format.md"
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hca.evaluation.processbench import (SPLITS, data_dir, evaluate_prm, load_processbench, predicted_errors,
-                              response_and_spans)
+                                         response_and_spans)
 
 HAVE_DATA = (data_dir() / "processbench" / "gsm8k.json").exists()
 

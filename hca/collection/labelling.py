@@ -37,10 +37,10 @@ import torch
 
 from hca.credit import step_progress
 from hca.data.problems import Problem
-from hca.rollout import SamplingParams
-from hca.steps import prefix_text, split_steps, step_texts
 from hca.data.trajectories import FORMAT_VERSION, Trajectory
+from hca.rollout import SamplingParams
 from hca.rollout.seeds import derive_seed
+from hca.steps import prefix_text, split_steps, step_texts
 from hca.verify import verify_responses
 
 

@@ -24,8 +24,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from hca.collection.labelling import ChunkStats
 from hca.collection.report import format_summary, h0_values, progress_values, save_histograms_png, summarize
 from hca.data.trajectories import (FORMAT_VERSION, TrajectoryFormatError, encode_shard, file_sha256, is_temporary,
-                              list_shards, read_json, read_shard, shard_meta_name, shard_name, write_bytes_atomic,
-                              write_json_atomic, write_manifest)
+                                   list_shards, read_json, read_shard, shard_meta_name, shard_name, write_bytes_atomic,
+                                   write_json_atomic, write_manifest)
 
 IDENTITY_NAME = "collection.json"
 # Keys that may differ on resume without changing any record: paths (the content hashes decide).

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import lightning as L
 from torch.utils.data import DataLoader
 
-from hca.datamodules.sft import ArithmeticData
-from hca.datamodules.sharding import rank_and_world
 from hca.data.problems import Problem, load_problems
 from hca.data.trajectories import file_sha256, list_shards
+from hca.datamodules.sft import ArithmeticData
+from hca.datamodules.sharding import rank_and_world
 
 
 @dataclass(frozen=True)

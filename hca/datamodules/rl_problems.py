@@ -27,10 +27,10 @@ import dataclasses
 import lightning as L
 from torch.utils.data import DataLoader
 
-from hca.datamodules.sharding import eval_loader, rank_and_world
+from hca.data.problems import Problem, load_problems
 from hca.datamodules.resumable import ResumableLoader
 from hca.datamodules.sft import ArithmeticData
-from hca.data.problems import Problem, load_problems
+from hca.datamodules.sharding import eval_loader, rank_and_world
 
 
 def as_list(batch: list[Problem]) -> list[Problem]:

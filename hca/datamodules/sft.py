@@ -20,12 +20,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from hca.data.arithmetic import ArithmeticConfig, ensure_split_files
+from hca.data.problems import Problem, load_problems
+from hca.data.prompts import PromptFormat, render_problems
 from hca.datamodules.resumable import ResumableLoader
 from hca.datamodules.sharding import rank_and_world
-from hca.data.problems import Problem, load_problems
 from hca.runtime.hparams import store_plain_hparams
-from hca.data.prompts import PromptFormat, render_problems
-from hca.data.arithmetic import ArithmeticConfig, ensure_split_files
 
 
 @dataclass

@@ -52,11 +52,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from hca.data.problems import Problem, load_problems
+from hca.data.trajectories import Trajectory, read_dataset
 from hca.datamodules.bucketing import BucketLoader
 from hca.datamodules.sharding import eval_loader, rank_and_world
-from hca.data.problems import Problem, load_problems
 from hca.steps import align_prompt_response
-from hca.data.trajectories import Trajectory, read_dataset
 
 
 @dataclass

@@ -45,7 +45,8 @@ class ProcessBenchItem:
 def data_dir() -> Path:
     """The shared data folder (``$HCA_SHARED_DATA`` overrides the repo-relative default)."""
     env = os.environ.get("HCA_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared" / "data"  # hca/evaluation/ -> the repo
+    # hca/evaluation/processbench.py -> the repository -> its sibling shared/data
+    return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 def load_processbench(split: str, root: str | os.PathLike | None = None) -> list[ProcessBenchItem]:

@@ -41,8 +41,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from hca.evaluation.policy import majority_correct, weighted_majority_correct
 from hca.data.problems import Problem
+from hca.evaluation.policy import majority_correct, weighted_majority_correct
 
 AGGREGATIONS = ("min", "last", "prod")
 METHODS = ("prm_min", "prm_last", "prm_prod", "prm_vote_min", "prm_vote_last", "prm_vote_prod", "majority", "random",

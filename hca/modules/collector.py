@@ -14,12 +14,12 @@ import lightning as L
 import torch
 
 from hca.collection.labelling import CollectionConfig, label_chunk
-from hca.models.loading import load_causal_lm, load_tokenizer
-from hca.runtime.hparams import store_plain_hparams
 from hca.data.prompts import PromptFormat, context_length, render_problems, rendered_prompts
-from hca.rollout.engines import EngineConfig
 from hca.data.trajectories import FORMAT_VERSION
 from hca.models.identity import model_identity
+from hca.models.loading import load_causal_lm, load_tokenizer
+from hca.rollout.engines import EngineConfig
+from hca.runtime.hparams import store_plain_hparams
 
 
 def check_model_ref(name: str, role: str) -> None:

@@ -42,14 +42,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanSquaredError, SpearmanCorrCoef
 from torchmetrics.classification import BinaryAUROC, BinaryF1Score
 
+from hca.data.trajectories import manifest_prompt_format
 from hca.datamodules.sharding import gather_objects
 from hca.datamodules.trajectories import PRMBatch
 from hca.models.lora import LoraSettings
-from hca.runtime.hparams import store_plain_hparams
 from hca.prm.metrics import (FirstErrorF1, PairwiseRankAccuracy, SoftCalibrationError, first_flag, harmful_step_targets,
                              predicted_first_error)
 from hca.prm.model import ProgressRewardModel, grow_backbone, hidden_size_of, load_backbone, save_prm
-from hca.data.trajectories import manifest_prompt_format
+from hca.runtime.hparams import store_plain_hparams
 
 
 @dataclass

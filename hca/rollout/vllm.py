@@ -39,8 +39,8 @@ from typing import Iterable, Sequence
 import torch
 
 from hca.rollout.base import RolloutBatch, SamplingParams, encode_prompts, token_budgets
-from hca.rollout.sizing import checkpoint_shapes
 from hca.rollout.seeds import derive_seed
+from hca.rollout.sizing import checkpoint_shapes
 
 _SET_NUM_THREADS = torch.set_num_threads  # the real one: vLLM's CPU worker replaces torch's by a no-op in-process
 

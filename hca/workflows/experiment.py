@@ -29,7 +29,7 @@ import math
 import statistics
 from pathlib import Path
 
-from hca.workflows.methods import METHODS, USES_PROGRESS, VARIANTS, method_config, uses_prm  # noqa: F401 (the experiment's)
+from hca.workflows.methods import METHODS, USES_PROGRESS, VARIANTS, method_config, uses_prm  # noqa: F401 (re-exported)
 from hca.workflows.pipeline import QUICKSTART_RL, Stage, derived_config, fit_from_config, run_stages
 
 def run_dir(out: str, method: str, seed: int) -> str:
