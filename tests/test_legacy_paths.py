@@ -6,6 +6,7 @@ paths of a pre-move checkpoint loads through them."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -23,6 +24,12 @@ NEW_TO_OLD = {f"hca.{new}": f"hca.{old}" for old, new in MOVED.items() if old !=
 @pytest.mark.parametrize("old", sorted(MOVED))
 def test_an_old_module_name_is_the_new_module(old):
     assert importlib.import_module(f"hca.{old}") is importlib.import_module(f"hca.{MOVED[old]}")
+
+
+def test_an_old_name_warns_that_it_moved():
+    spec = importlib.util.find_spec("hca.rl_batch")
+    with pytest.warns(DeprecationWarning, match="hca.rl_batch is hca.rl.batch"):
+        assert spec.loader.create_module(spec) is importlib.import_module("hca.rl.batch")
 
 
 def test_old_names_of_classes_and_functions():
