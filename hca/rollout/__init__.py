@@ -8,6 +8,8 @@
   never imports vLLM).
 * :mod:`hca.rollout.engines` -- :class:`EngineConfig` (``engine: hf | vllm | auto`` and its
   settings, one key in every stage) and :func:`build_engine`.
+* :mod:`hca.rollout.sizing` -- a checkpoint's size and context, and the context a stage needs.
+* :mod:`hca.rollout.seeds` -- every sampling seed as a function of ``(seed, index, stream)``.
 
 Training-side log-probs (teacher forcing, with gradients) are :mod:`hca.rl.logprobs`, not here.
 """
