@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from builders import TINY, write_collection
-from test_modules_policy import write_problems
+from builders.policy import write_problems
 
 from hca.datamodules.bucketing import BucketBatchSampler, BucketLoader
 from hca.datamodules.sharding import eval_loader, rank_and_world

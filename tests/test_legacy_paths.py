@@ -112,7 +112,7 @@ def test_a_checkpoint_as_written_before_the_move_loads(tmp_path):
     instantiates the class path) to the same weights."""
     import lightning as L
     import torch
-    from test_modules_policy import make, trainer
+    from builders.policy import make, trainer
 
     from hca.models.loading import char_tokenizer
     from hca.rl.batch import CreditConfig

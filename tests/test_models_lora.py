@@ -9,7 +9,7 @@ pytest.importorskip("peft")
 from hca.models.lora import LoraSettings, add_lora, has_lora, merged_copy  # noqa: E402
 from hca.models.loading import char_tokenizer, load_causal_lm  # noqa: E402
 from hca.rl.ppo import PPOConfig  # noqa: E402
-from test_modules_policy import TINY, changed, initial_weights, make, trainer  # noqa: E402
+from builders.policy import TINY, changed, initial_weights, make, trainer  # noqa: E402
 
 
 def test_rl_steps_change_only_lora_weights_and_export_merges(tmp_path):

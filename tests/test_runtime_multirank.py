@@ -32,7 +32,7 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.timeout(600)  # backstop (pytest-timeout); the launch itself is killed sooner
 
 from builders import write_collection  # noqa: E402
-from test_modules_policy import write_problems  # noqa: E402
+from builders.policy import write_problems  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "builders" / "multirank.py"

@@ -18,7 +18,8 @@ from hca.models.loading import load_causal_lm  # noqa: E402
 from hca.rl.ppo import PPOConfig  # noqa: E402
 from hca.rl.batch import CreditConfig  # noqa: E402
 from hca.runtime.strategies import CPUDeepSpeedStrategy  # noqa: E402
-from test_modules_policy import Record, changed, initial_weights, make  # noqa: E402
+from builders.callbacks import Record  # noqa: E402
+from builders.policy import changed, initial_weights, make  # noqa: E402
 
 HCA = CreditConfig("rloo", progress_coef=1.0, entropy_beta=1.0)
 

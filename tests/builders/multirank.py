@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # tests/ (test_modules_policy) and tests/builders/
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # tests/ (builders.policy) and tests/builders/
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -162,7 +162,7 @@ def rl_build(data: Path):
     from hca.rl.ppo import PPOConfig
     from hca.rl.batch import CreditConfig
     from hca.rl.scoring import CallableScorer
-    from test_modules_policy import TINY, value_fn
+    from builders.policy import TINY, value_fn
 
     dm = ProblemDataModule(train_file=str(data / "train.jsonl"), val_file=str(data / "val.jsonl"),
                            problems_per_step=2, val_batch_size=2, seed=0)
