@@ -1,7 +1,7 @@
 """The module paths of hca before its layout by stage (issue 20) keep importing.
 
-Until 2026-12 the package was about 30 flat modules (``hca.collect``, ``hca.prm_model``,
-``hca.rl_batch``, ``hca.pipeline``, ...). Users' YAML files (``class_path: hca.logprobs.LogprobSettings``),
+Until 2026-12 the package was 43 flat modules and packages (``hca.collect``, ``hca.prm_model``,
+``hca.rl_batch``, ``hca.pipeline``, ...). Users' YAML files (``class_path: hca.prm_scorer.PRMScorer``),
 the ``config.yaml`` a LightningCLI run saved next to its checkpoints, ``python -m hca.pipeline``
 commands and scripts name them. :class:`LegacyPathFinder` (installed on ``import hca``) resolves such
 a name to the module's new home: ``import hca.rl_batch`` returns *the same module object* as
@@ -57,12 +57,6 @@ class _AliasLoader:  # the Loader protocol (no importlib.abc: ``import hca`` sta
 
         spec = importlib.util.find_spec(self.new)
         return spec.loader.get_code(self.new)
-
-    def is_package(self, fullname) -> bool:
-        import importlib.util
-
-        spec = importlib.util.find_spec(self.new)
-        return spec.submodule_search_locations is not None
 
 
 class LegacyPathFinder:  # the MetaPathFinder protocol

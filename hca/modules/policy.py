@@ -48,7 +48,8 @@ from hca.models.lora import LoraSettings, add_lora, merged_copy
 from hca.modules.policy_validation import PolicyEval, PolicyValidation
 from hca.rl.batch import CreditConfig, RLBatch, build_rl_batch
 from hca.rl.metrics import batch_metrics
-from hca.rl.ppo import PPOConfig, frozen_logprobs, micro_batch_weights, micro_batches, ppo_loss, teacher_forced
+from hca.rl.ppo import (PPOConfig, frozen_logprobs, micro_batch_weights, micro_batches, ppo_loss, rollout_logp_gap,
+                        teacher_forced)
 from hca.rl.scoring import NoScorer, StepScorer
 from hca.rollout.base import SamplingParams
 from hca.rollout.engines import EngineConfig
@@ -346,10 +347,8 @@ class HCAPolicyModule(PolicyValidation, L.LightningModule):
                                        self.ppo.logprob_chunk_size, with_entropy=True,
                                        group=rollout.prompt_index.to(self.device) if self.ppo.share_prompt_forward else None)
             rollout = dataclasses.replace(rollout.with_entropy(ent.cpu()), logprobs=logp.float().cpu())
-            mask = rollout.response_mask
-            gap = (rollout.logprobs - behaviour).abs()[mask]
-            self._engine_stats = {"rollout_logp_gap": float(gap.mean()) if gap.numel() else 0.0,
-                                  "rollout_logp_gap_max": float(gap.max()) if gap.numel() else 0.0}
+            gap = rollout_logp_gap(rollout.logprobs, behaviour, rollout.response_mask)
+            self._engine_stats = {k: float(v) for k, v in gap.items()}
         self._recompute_seconds = time.perf_counter() - t0
         correct = verify_responses(rollout.texts, [problems[i] for i in rollout.prompt_index.tolist()])
         before = getattr(self.scorer, "tokens_generated", 0)

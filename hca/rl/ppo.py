@@ -119,6 +119,16 @@ def micro_batch_weights(response_mask: Tensor, loss_mask: Tensor, parts: list[Te
     return [len(p) * (max_len or longest(p)) / max(full, 1) for p in parts]
 
 
+def rollout_logp_gap(logp: Tensor, engine_logp: Tensor, response_mask: Tensor) -> dict[str, Tensor]:
+    """``rollout_logp_gap`` / ``_max``: mean and largest ``|logp - engine_logp|`` over the response
+    tokens (``[N, T]`` each), how far a sampling engine's log-probs (vLLM) are from the trainer's; 0
+    without response tokens."""
+    gap = (logp - engine_logp).abs()[response_mask]
+    zero = logp.new_zeros(())
+    return {"rollout_logp_gap": gap.mean() if gap.numel() else zero,
+            "rollout_logp_gap_max": gap.max() if gap.numel() else zero}
+
+
 def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len: int | None = None,
              on_policy: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one mini-batch (with a graph) and detached metrics: those of ``policy_loss``,
@@ -137,10 +147,8 @@ def ppo_loss(model, batch: RLBatch, cfg: PPOConfig, temperature: float, max_len:
                                 cfg.clip_high, cfg.agg, max_len, token_weight=batch.is_weight)
     if on_policy:
         mask = batch.response_mask
-        gap = (logp.detach() - batch.old_logp).abs()[mask]
-        metrics["rollout_logp_gap"] = gap.mean() if gap.numel() else logp.new_zeros(())
-        metrics["rollout_logp_gap_max"] = gap.max() if gap.numel() else logp.new_zeros(())
-        metrics["entropy"] = ent[mask].mean() if gap.numel() else logp.new_zeros(())
+        metrics |= rollout_logp_gap(logp.detach(), batch.old_logp, mask)
+        metrics["entropy"] = ent[mask].mean() if mask.any() else logp.new_zeros(())
     metrics["pg_loss"] = loss.detach()
     if batch.ref_logp is not None:
         kl = aggregate(kl_k3(logp, batch.ref_logp, batch.loss_mask), batch.loss_mask, cfg.agg, max_len)
