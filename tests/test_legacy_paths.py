@@ -75,7 +75,8 @@ def test_a_config_naming_old_class_paths_instantiates(config, tmp_path, monkeypa
 
     path = ROOT / config
     text = path.read_text() if path.parent == FIXTURES else _old_paths(path.read_text())
-    text = re.sub(r"^(return_predictions|ckpt_path|weights_only):.*\n", "", text, flags=re.M)  # the subcommand's own arguments
+    # the subcommand's own arguments, which a config saved by `fit` / `predict` carries
+    text = re.sub(r"^(return_predictions|ckpt_path|weights_only):.*\n", "", text, flags=re.M)
     old = set(re.findall(r"class_path: (hca\.[\w.]+)\.\w+", text)) & set(NEW_TO_OLD.values())
     assert old, f"{config}: names no old module path; the test would prove nothing"
     base = re.search(r"^# Compose-with: (\S+)", text, re.M)
@@ -83,8 +84,8 @@ def test_a_config_naming_old_class_paths_instantiates(config, tmp_path, monkeypa
     args = (["--config", str(ROOT / base.group(1))] if base else []) + ["--config", str(tmp_path / "old.yaml")]
     monkeypatch.chdir(tmp_path)
     cli = main(args=args, run=False)
-    named = {f"{type(c).__module__}" for c in [cli.model, cli.datamodule, *cli.trainer.loggers,
-                                              *cli.trainer.callbacks, cli.trainer.strategy]}
+    named = {type(c).__module__ for c in [cli.model, cli.datamodule, *cli.trainer.loggers,
+                                         *cli.trainer.callbacks, cli.trainer.strategy]}
     named |= {type(getattr(cli.model, "scorer", None)).__module__}
     for o in old:  # each old path became an instance of the class at its new path
         assert MOVED[o[4:]] in {n[4:] for n in named if n.startswith("hca.")}, (o, named)
